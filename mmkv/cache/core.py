@@ -1,0 +1,250 @@
+"""CompressedCache: a transformers `Cache` whose layers can be evicted, merged and quantized.
+
+Each `KVLayer` stores, for batch size B, KV heads H and head dim D:
+
+- `segments`: compressed parts (e.g. `QuantSegment`: packed low-bit keys and values with scales);
+- `keys`, `values`: a full-precision tail [B, H, L, D] where new tokens are appended;
+- `pos`: for every stored entry, its index in the LLM input sequence ([H, n] int32 per part), so
+  presses know which token an entry was after any eviction, merge or reordering;
+- `seen`: how many tokens the layer has been given (the logical length).
+
+Layers may hold different numbers of entries; `get_seq_length()` is the logical length and
+`get_mask_sizes()` the stored one. Attention is order-free over the cache (every cached entry
+precedes the new queries; RoPE is already applied to keys), so a layer may keep its parts in any
+order. The byte count is the sum of the real stored tensors.
+
+Tensors are never modified in place: updates and presses build new tensors, so `clone()` is a
+cheap shallow snapshot (used to answer several questions from one encoded video).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .attend import causal_mask, merge_partials, partial_attention
+from .quant import QuantTensor
+
+
+@dataclass
+class QuantSegment:
+    """A compressed part of a layer: quantized keys and values of the same tokens."""
+
+    keys: QuantTensor
+    values: QuantTensor
+    pos: torch.Tensor  # [H, n] int32 sequence index of each entry
+    label: str = "quant"  # precision class shown in stats (e.g. "int2", "int4")
+
+    @property
+    def num_tokens(self) -> int:
+        return self.keys.num_tokens
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+    def cat(self, other: "QuantSegment") -> "QuantSegment":
+        return QuantSegment(self.keys.cat(other.keys), self.values.cat(other.values),
+                            torch.cat([self.pos, other.pos], 1), self.label)
+
+    def blocks(self, dtype: torch.dtype, block: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Dequantized (keys, values) [B, H, n, D] in blocks of at most `block` tokens."""
+        n = self.num_tokens
+        step = max(block // max(self.keys.group, 1), 1) * max(self.keys.group, 1) if self.keys.axis == "channel" else block
+        for s in range(0, n, step):
+            e = min(n, s + step)
+            yield self.keys.dequantize(dtype, s, e), self.values.dequantize(dtype, s, e)
+
+
+class KVLayer(CacheLayerMixin):
+    """One decoder layer of a `CompressedCache` (see module docstring)."""
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = False
+    DEQUANT_BLOCK = 4096  # tokens dequantized at a time on the PyTorch attention path
+
+    def __init__(self):
+        super().__init__()
+        self.segments: list = []
+        self.pos: torch.Tensor | None = None
+        self.seen = 0
+        self.fused = False  # attention reads the parts directly instead of a dequantized copy
+        self.on_update: Callable[["KVLayer"], None] | None = None  # called before each append
+
+    # --- transformers layer API -------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = key_states[:, :, :0]
+        self.values = value_states[:, :, :0]
+        self.pos = torch.zeros(key_states.shape[1], 0, dtype=torch.int32, device=key_states.device)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.on_update is not None:
+            self.on_update(self)
+        n = key_states.shape[-2]
+        new_pos = torch.arange(self.seen, self.seen + n, dtype=torch.int32, device=self.pos.device)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.pos = torch.cat([self.pos, new_pos.expand(self.pos.shape[0], n)], dim=1)
+        self.seen += n
+        if self.fused or not self.segments:
+            return self.keys, self.values
+        return self.dequantized()
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.stored + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.__init__()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a CompressedCache cannot be cropped; clone() it before use instead")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("beam search is not supported on a CompressedCache")
+
+    # --- mmkv API ---------------------------------------------------------------------------
+    @property
+    def stored(self) -> int:
+        """Entries held (per head), all parts together."""
+        if not self.is_initialized:
+            return 0
+        return self.keys.shape[-2] + sum(s.num_tokens for s in self.segments)
+
+    @property
+    def residual_len(self) -> int:
+        return 0 if not self.is_initialized else self.keys.shape[-2]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored K/V data: segment codes, scales and zeros, and the full-precision tail."""
+        if not self.is_initialized:
+            return 0
+        return self.keys.nbytes + self.values.nbytes + sum(s.nbytes for s in self.segments)
+
+    @property
+    def index_nbytes(self) -> int:
+        """Bytes of the position bookkeeping (int32 per stored entry and head)."""
+        if not self.is_initialized:
+            return 0
+        return self.pos.nbytes + sum(s.pos.nbytes for s in self.segments)
+
+    def bytes_by_class(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        if self.is_initialized:
+            out[f"{str(self.keys.dtype).replace('torch.', '')} window"] = self.keys.nbytes + self.values.nbytes
+        for s in self.segments:
+            out[s.label] = out.get(s.label, 0) + s.nbytes
+        return out
+
+    def positions(self) -> torch.Tensor:
+        """Sequence index of every stored entry, all parts, [H, stored] (segment order, then tail)."""
+        return torch.cat([s.pos for s in self.segments] + [self.pos], 1)
+
+    def set_residual(self, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor) -> None:
+        """Replace the full-precision part (used by evicting and merging presses)."""
+        b, h, n, d = keys.shape
+        if values.shape[:3] != (b, h, n) or pos.shape != (h, n):
+            raise ValueError(f"inconsistent shapes: keys {tuple(keys.shape)}, values {tuple(values.shape)}, "
+                             f"pos {tuple(pos.shape)}")
+        self.keys, self.values, self.pos = keys, values, pos.to(torch.int32)
+
+    def select(self, idx: torch.Tensor) -> None:
+        """Keep the full-precision entries `idx` ([H, k] per head or [k] shared), in the given order."""
+        if idx.dim() == 1:
+            idx = idx.unsqueeze(0).expand(self.keys.shape[1], -1)
+        g = idx.to(self.keys.device).long()
+        gi = g.view(1, *g.shape, 1).expand(self.keys.shape[0], -1, -1, self.keys.shape[-1])
+        self.set_residual(self.keys.gather(2, gi), self.values.gather(2, gi), self.pos.gather(1, g))
+
+    def dequantized(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """All entries as full-precision [B, H, stored, D] tensors (segments first, then the tail).
+        Materializes a copy: for tests and presses that need everything at once, never for decoding."""
+        dtype = dtype or self.keys.dtype
+        ks = [s.keys.dequantize(dtype) for s in self.segments] + [self.keys.to(dtype)]
+        vs = [s.values.dequantize(dtype) for s in self.segments] + [self.values.to(dtype)]
+        return torch.cat(ks, 2), torch.cat(vs, 2)
+
+    def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Attention of `query` [B, Hq, Lq, D] (the last Lq appended tokens) over all parts.
+
+        Dispatches to a fused kernel for segments that have one, else dequantizes block by block.
+        Returns [B, Lq, Hq, D] in the query dtype (the layout transformers' attention returns)."""
+        from ..kernels import segment_attention
+
+        lq = query.shape[2]
+        parts = [segment_attention(query, seg, scaling, self.DEQUANT_BLOCK) for seg in self.segments]
+        parts.append(partial_attention(query, self.keys, self.values, scaling,
+                                       causal_mask(lq, self.keys.shape[2], query.device)))
+        out = merge_partials(parts) if len(parts) > 1 else parts[0][0]
+        return out.to(query.dtype).transpose(1, 2).contiguous()
+
+
+class CompressedCache(Cache):
+    """A transformers `Cache` of `KVLayer`s; see the module docstring.
+
+    >>> cache = CompressedCache(num_layers=24)
+    >>> model.model.language_model(inputs_embeds=x, position_ids=p, past_key_values=cache, use_cache=True)
+    >>> cache.nbytes(), cache.lengths()
+    """
+
+    def __init__(self, num_layers: int):
+        super().__init__(layers=[KVLayer() for _ in range(num_layers)])
+
+    @property
+    def seen(self) -> int:
+        return self.layers[0].seen if self.layers else 0
+
+    def lengths(self) -> list[int]:
+        """Stored entries per layer."""
+        return [layer.stored for layer in self.layers]
+
+    def nbytes(self) -> int:
+        """Bytes of all stored K/V data (codes, scales, zeros, full-precision windows)."""
+        return sum(layer.nbytes for layer in self.layers)
+
+    def index_nbytes(self) -> int:
+        return sum(layer.index_nbytes for layer in self.layers)
+
+    def fp16_bytes(self) -> int:
+        """Bytes an uncompressed fp16 cache of the same logical length would take."""
+        total = 0
+        for layer in self.layers:
+            if layer.is_initialized:
+                b, h, _, d = layer.keys.shape
+                total += 2 * b * h * layer.seen * d * 2
+        return total
+
+    def bytes_by_class(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for layer in self.layers:
+            for k, v in layer.bytes_by_class().items():
+                out[k] = out.get(k, 0) + v
+        return out
+
+    def set_fused(self, fused: bool) -> None:
+        for layer in self.layers:
+            layer.fused = fused
+
+    def clone(self) -> "CompressedCache":
+        """A snapshot sharing the (immutable) tensors; updating either copy leaves the other intact."""
+        new = copy.copy(self)
+        new.layers = []
+        for layer in self.layers:
+            lc = copy.copy(layer)
+            lc.segments = list(layer.segments)
+            new.layers.append(lc)
+        return new

@@ -1,0 +1,241 @@
+"""Recipes: ordered lists of compression stages, named presets, and parsing from a CLI string.
+
+A recipe string joins stages with "+"; each stage is `name`, `name:VALUE` (the stage's main
+parameter) or `name:key=value,key=value`:
+
+    "none"                          no compression
+    "kivi:2"                        KIVI 2-bit KV quantization
+    "streaming:sink=4,recent=256"   StreamingLLM sink + recent eviction
+    "streaming:recent=256+kivi:4"   evict, then quantize what is left
+
+Stages run in data-path order: vision presses (before the LLM), then at most one prefill policy,
+then KV presses (after prefill; at most one quantizing press, and it must come last). Every
+stage is a dataclass registered with `@register`; its docstring cites its paper and defaults.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from .errors import RecipeError
+
+STAGES: dict[str, type["Stage"]] = {}
+KINDS = ("vision", "prefill", "kv")
+
+
+@dataclass
+class Stage:
+    """Base of every recipe stage. Subclasses set `name`, `kind` and optionally `main` (the field a
+    bare `name:VALUE` sets) and validate their fields in `validate()`."""
+
+    name: ClassVar[str] = ""
+    kind: ClassVar[str] = ""
+    main: ClassVar[str | None] = None
+    aliases: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise RecipeError on nonsensical parameters. Called on construction."""
+
+    def spec(self) -> str:
+        """The recipe-string form of this stage (only fields that differ from the defaults)."""
+        parts = []
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            if v != default:
+                parts.append(f"{f.name}={v}")
+        return self.name + (":" + ",".join(parts) if parts else "")
+
+    def describe(self) -> str:
+        return (self.__doc__ or "").strip().splitlines()[0] if self.__doc__ else self.name
+
+
+def register(cls: type[Stage]) -> type[Stage]:
+    """Class decorator: make a Stage available by name (and aliases) in recipe strings."""
+    if cls.kind not in KINDS:
+        raise TypeError(f"{cls.__name__}.kind must be one of {KINDS}")
+    for n in (cls.name, *cls.aliases):
+        if n in STAGES and STAGES[n] is not cls:
+            raise TypeError(f"stage name {n!r} is already registered by {STAGES[n].__name__}")
+        STAGES[n] = cls
+    return cls
+
+
+def check(cond: bool, msg: str) -> None:
+    """Raise RecipeError(msg) unless cond: the one-liner stages use to validate parameters."""
+    if not cond:
+        raise RecipeError(msg)
+
+
+# Named presets: recipe strings. Methods add theirs where they are defined.
+PRESETS: dict[str, str] = {
+    "none": "",
+}
+PRESET_DOCS: dict[str, str] = {
+    "none": "no compression: exactly the plain model",
+}
+
+
+def add_preset(name: str, spec: str, doc: str) -> None:
+    PRESETS[name] = spec
+    PRESET_DOCS[name] = doc
+
+
+def _ensure_registered() -> None:
+    # Importing the method packages registers their stages.
+    from . import cache, prefill, vision  # noqa: F401
+
+
+def _convert(stage: type[Stage], key: str, raw: str):
+    fields = {f.name: f for f in dataclasses.fields(stage)}
+    if key not in fields:
+        raise RecipeError(f"stage {stage.name!r} has no parameter {key!r}; its parameters are: "
+                          f"{', '.join(fields) or '(none)'}")
+    hints = typing.get_type_hints(stage)
+    t = hints.get(key, str)
+    origin = typing.get_origin(t)
+    args = [a for a in typing.get_args(t) if a is not type(None)]
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args:
+        if raw.lower() in ("none", "null"):
+            return None
+        t = args[0]
+    try:
+        if t is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if t is int:
+            return int(raw)
+        if t is float:
+            return float(raw)
+        if typing.get_origin(t) in (tuple, list):
+            inner = typing.get_args(t)[0] if typing.get_args(t) else str
+            return tuple(inner(x) for x in raw.split("/") if x)
+        return t(raw) if t is not str else raw
+    except (TypeError, ValueError):
+        raise RecipeError(f"{stage.name}: {key}={raw!r} is not a valid {getattr(t, '__name__', t)}") from None
+
+
+def parse_stage(text: str) -> Stage:
+    _ensure_registered()
+    text = text.strip()
+    name, _, arg = text.partition(":")
+    name = name.strip().lower()
+    if name not in STAGES:
+        raise RecipeError(f"unknown stage {name!r}. Valid stages: {', '.join(sorted(STAGES))}; "
+                          f"presets: {', '.join(sorted(PRESETS))}")
+    cls = STAGES[name]
+    kwargs = {}
+    for item in filter(None, (a.strip() for a in arg.split(","))):
+        if "=" in item:
+            k, _, v = item.partition("=")
+            kwargs[k.strip()] = _convert(cls, k.strip(), v.strip())
+        elif cls.main is not None and cls.main not in kwargs:
+            kwargs[cls.main] = _convert(cls, cls.main, item)
+        else:
+            raise RecipeError(f"{name}: cannot read {item!r}; write key=value "
+                              f"(parameters: {', '.join(f.name for f in dataclasses.fields(cls))})")
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise RecipeError(f"{name}: {e}") from None
+
+
+@dataclass
+class Recipe:
+    """An ordered list of stages. Build with `Recipe.parse("pvc:64+kivi:2")` or from stage objects."""
+
+    stages: list[Stage] = field(default_factory=list)
+    name: str | None = None
+
+    def __post_init__(self):
+        order = {k: i for i, k in enumerate(KINDS)}
+        last = -1
+        for s in self.stages:
+            if not isinstance(s, Stage):
+                raise RecipeError(f"recipe stages must be Stage objects, got {type(s).__name__}")
+            if order[s.kind] < last:
+                raise RecipeError(f"stage {s.name!r} ({s.kind}) is out of order: vision stages come first, then the "
+                                  "prefill policy, then KV presses")
+            last = order[s.kind]
+        if len(self.prefill_stages) > 1:
+            raise RecipeError("a recipe can have at most one prefill policy, got "
+                              + ", ".join(s.name for s in self.prefill_stages))
+        quant = [i for i, s in enumerate(self.kv) if getattr(s, "quantizes", False)]
+        if len(quant) > 1:
+            raise RecipeError("a recipe can have at most one quantizing KV press, got "
+                              + ", ".join(self.kv[i].name for i in quant))
+        if quant and any(getattr(s, "decode_evicts", False) and getattr(s, "decode", True) for s in self.kv):
+            raise RecipeError("a press that evicts during decoding cannot be combined with a quantizing press "
+                              "(quantized groups cannot drop single tokens); set decode=false on it, "
+                              "e.g. 'streaming:recent=512,decode=false+kivi:2'")
+        if quant and quant[0] != len(self.kv) - 1:
+            raise RecipeError(f"the quantizing press {self.kv[quant[0]].name!r} must be the last KV press "
+                              "(evict or merge first, then quantize)")
+
+    @property
+    def vision(self) -> list[Stage]:
+        return [s for s in self.stages if s.kind == "vision"]
+
+    @property
+    def prefill_stages(self) -> list[Stage]:
+        return [s for s in self.stages if s.kind == "prefill"]
+
+    @property
+    def prefill(self) -> Stage | None:
+        p = self.prefill_stages
+        return p[0] if p else None
+
+    @property
+    def kv(self) -> list[Stage]:
+        return [s for s in self.stages if s.kind == "kv"]
+
+    @property
+    def empty(self) -> bool:
+        return not self.stages
+
+    def spec(self) -> str:
+        return "+".join(s.spec() for s in self.stages) or "none"
+
+    def __str__(self) -> str:
+        return self.name or self.spec()
+
+    @classmethod
+    def parse(cls, recipe: "str | Recipe | Stage | list | None") -> "Recipe":
+        """A Recipe from a preset name, a recipe string, a Stage, a list of Stages, or None."""
+        if recipe is None:
+            return cls([], "none")
+        if isinstance(recipe, Recipe):
+            return recipe
+        if isinstance(recipe, Stage):
+            return cls([recipe])
+        if isinstance(recipe, (list, tuple)):
+            return cls([parse_stage(s) if isinstance(s, str) else s for s in recipe])
+        if not isinstance(recipe, str):
+            raise RecipeError(f"a recipe is a string, a Stage or a list of Stages, got {type(recipe).__name__}")
+        _ensure_registered()
+        text = recipe.strip()
+        if text.lower() in PRESETS:
+            spec = PRESETS[text.lower()]
+            return cls([parse_stage(s) for s in spec.split("+") if s.strip()], text.lower())
+        if not text:
+            raise RecipeError(f"empty recipe; use 'none' or one of the presets: {', '.join(sorted(PRESETS))}")
+        return cls([parse_stage(s) for s in text.split("+") if s.strip()])
+
+
+def available() -> dict[str, list[tuple[str, str]]]:
+    """{kind: [(stage name, one-line description)]} of every registered stage."""
+    _ensure_registered()
+    out: dict[str, list[tuple[str, str]]] = {k: [] for k in KINDS}
+    for n, cls in sorted(STAGES.items()):
+        if n == cls.name:
+            out[cls.kind].append((n, (cls.__doc__ or "").strip().splitlines()[0]))
+    return out
