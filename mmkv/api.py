@@ -1,0 +1,46 @@
+"""The public entry points: `load()` a Pipeline, or `generate()` in one call."""
+from __future__ import annotations
+
+from .models.loading import DEFAULT_MODEL, load_adapter
+from .pipeline import Pipeline
+from .recipe import Recipe
+from .stats import Result
+
+_PIPELINES: dict = {}
+
+
+def load(model: str | None = DEFAULT_MODEL, recipe="none", *, device=None, dtype="auto",
+         attn_implementation: str = "sdpa", chunk_frames: int = 32, prefill_chunk: int = 4096,
+         system: str | None = None, compress_at: str = "ask") -> Pipeline:
+    """Load `model` (an HF model id, a local folder, or "mmkv-tiny", the bundled default) with a
+    compression `recipe` (a preset name, a recipe string such as "kivi:2", or a Recipe).
+    `compress_at="encode"` compresses the KV of an encoded video before any question (see Pipeline).
+
+    The recipe is checked before the model is loaded, so a bad recipe fails fast."""
+    r = Recipe.parse(recipe)
+    adapter, base = load_adapter(model, device=device, dtype=dtype, attn_implementation=attn_implementation)
+    return Pipeline(adapter, r, base, chunk_frames=chunk_frames, prefill_chunk=prefill_chunk, system=system,
+                    model_name=str(model or DEFAULT_MODEL), compress_at=compress_at)
+
+
+def generate(video, question: str, *, model: str | None = DEFAULT_MODEL, recipe="none",
+             max_new_tokens: int = 64, frames: int | None = None, fps: float | None = None,
+             max_frames: int | None = None, video_fps: float | None = None, device=None, dtype="auto",
+             attn_implementation: str = "sdpa", progress=False, **kwargs) -> Result:
+    """Answer `question` about `video` (a file path, a list of PIL images, a [T, H, W, 3] array,
+    or a single image). Returns a Result: `str(result)` is the answer, `result.stats` the costs.
+
+    The loaded model is kept for later calls with the same model, recipe, device and dtype."""
+    from .errors import InputError
+    from .io import load_media
+
+    if not isinstance(question, str) or not question.strip():
+        raise InputError("the question is empty; ask something about the video")
+    r = Recipe.parse(recipe)  # bad recipe, video or question fail here, before the model loads
+    media = load_media(video, frames=frames, fps=fps, max_frames=max_frames, video_fps=video_fps)
+    key = (str(model), r.spec(), str(device), str(dtype), attn_implementation)
+    pipe = _PIPELINES.get(key)
+    if pipe is None:
+        _PIPELINES.clear()  # keep at most one model in memory
+        pipe = _PIPELINES[key] = load(model, r, device=device, dtype=dtype, attn_implementation=attn_implementation)
+    return pipe.generate(media, question, max_new_tokens=max_new_tokens, progress=progress, **kwargs)

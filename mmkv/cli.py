@@ -1,0 +1,157 @@
+"""The `mmkv` command line.
+
+    mmkv generate [VIDEO] [QUESTION] [--model M] [--recipe R] [--frames N | --fps F] [--json]
+    mmkv info
+    mmkv bench ...     benchmarks (see `mmkv bench -h`)
+    mmkv eval ...      batch evaluation (see `mmkv eval -h`)
+    mmkv demo          the Gradio app
+
+Errors print one line and exit non-zero (2 for bad input, 1 otherwise); --debug shows tracebacks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+SAMPLE_VIDEO = os.path.join(os.path.dirname(__file__), "assets", "sample.mp4")
+SAMPLE_QUESTION_FILE = os.path.join(os.path.dirname(__file__), "assets", "sample.json")
+
+
+def _sample() -> dict:
+    try:
+        with open(SAMPLE_QUESTION_FILE) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {"question": "What happens in this video?"}
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="mmkv-tiny", help="HF model id, local folder, or mmkv-tiny (bundled default)")
+    p.add_argument("--recipe", default="none", help="preset or recipe string, e.g. 'kivi:2' (see `mmkv info`)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32")
+    p.add_argument("--attn", default="sdpa", dest="attn_implementation",
+                   help="base attention implementation: sdpa, eager or flash_attention_2")
+
+
+def _generate(args) -> int:
+    import mmkv
+
+    video = args.video or SAMPLE_VIDEO
+    sample = _sample() if not args.video else {}
+    question = args.question or sample.get("question")
+    if args.frames is None and args.fps is None and sample.get("frames"):
+        args.frames = sample["frames"]  # the sample is short: use all its frames
+    if not question:
+        raise mmkv.InputError("give a QUESTION after the VIDEO")
+    recipe = mmkv.Recipe.parse(args.recipe)  # fail on bad input before loading anything
+    from mmkv.io import load_media
+    media = load_media(video, frames=args.frames, fps=args.fps, max_frames=args.max_frames)
+    pipe = mmkv.load(args.model, recipe, device=args.device, dtype=args.dtype,
+                     attn_implementation=args.attn_implementation, chunk_frames=args.chunk_frames)
+    streamed = []
+
+    def on_text(delta):
+        streamed.append(delta)
+        if not args.json:
+            print(delta, end="", flush=True)
+
+    if not args.json:
+        print(f"Q: {question}\nA: ", end="", flush=True)
+    show = not args.no_progress and not args.json and sys.stderr.isatty()
+    result = pipe.generate(media, question, max_new_tokens=args.max_new_tokens, progress=show, on_text=on_text)
+    if args.json:
+        print(result.to_json())
+        return 0
+    print("\n")
+    print(result.stats.table())
+    if result.note:
+        print("\n" + result.note)
+    return 0
+
+
+def _info(args) -> int:
+    import torch
+    import transformers
+
+    import mmkv
+    from mmkv.models import supported_model_types
+    from mmkv.recipe import PRESET_DOCS, PRESETS, available
+
+    print(f"mmkv {mmkv.__version__}  (torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"cuda: {torch.cuda.is_available()})")
+    print("\nSupported model families (config model_type):")
+    for mt in supported_model_types():
+        print(f"  {mt}")
+    print("\nPresets:")
+    for name in sorted(PRESETS):
+        print(f"  {name:<12} {PRESETS[name] or '(no stages)':<40} {PRESET_DOCS.get(name, '')}")
+    print("\nStages (recipe string: name, name:VALUE or name:key=value,...; join with '+'):")
+    for kind, items in available().items():
+        for name, doc in items:
+            print(f"  [{kind:<7}] {name:<12} {doc}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmkv", description="Question answering over long videos with compressed "
+                                "visual tokens and KV cache.")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="answer a question about a video or image")
+    g.add_argument("video", nargs="?", help="video file, image file (default: the bundled sample video)")
+    g.add_argument("question", nargs="?", help="the question (default: the sample's question)")
+    _add_model_args(g)
+    g.add_argument("--frames", type=int, default=None, help="number of frames sampled uniformly (default 32)")
+    g.add_argument("--fps", type=float, default=None, help="sample this many frames per second instead")
+    g.add_argument("--max-frames", type=int, default=None, help="cap on the number of sampled frames")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--chunk-frames", type=int, default=32, help="frames encoded at a time (bounds memory)")
+    g.add_argument("--json", action="store_true", help="print the result (text + stats) as JSON")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    g.set_defaults(func=_generate)
+
+    i = sub.add_parser("info", help="supported models, presets and stages")
+    i.set_defaults(func=_info)
+
+    for name, module, helptext in (("bench", "benchmarks_cli", "run benchmarks"),
+                                   ("eval", "eval_cli", "batch evaluation (Video-MME, MVBench, synthetic)"),
+                                   ("demo", "demo_cli", "launch the Gradio demo")):
+        try:
+            mod = __import__(f"mmkv.{module}", fromlist=["add_parser"])
+        except ImportError:
+            continue
+        mod.add_parser(sub, name, helptext)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False)
+    from mmkv.errors import MmkvError
+
+    try:
+        return int(args.func(args) or 0)
+    except MmkvError as e:
+        if debug:
+            raise
+        print(f"mmkv: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mmkv: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line unless --debug
+        if debug:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"mmkv: error: {type(e).__name__}: {msg} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

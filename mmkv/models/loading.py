@@ -1,0 +1,128 @@
+"""Loading a model: an HF model id, a local folder, or the bundled default.
+
+The family is read from the config first (cheap), so an unsupported model fails before any
+weights are read. Device: CUDA when available, else CPU. dtype "auto": bf16 on CUDA (fp16 where
+bf16 is unsupported), fp32 on CPU (faster than bf16 on CPUs without AMX).
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import torch
+
+from ..errors import ModelError
+from .base import ADAPTERS, Adapter
+
+DEFAULT_MODEL = "mmkv-tiny"
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets")
+CACHE_DIR = os.environ.get("MMKV_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mmkv"))
+
+
+def bundled_model_path() -> str:
+    """The bundled default model: the trained checkpoint shipped in mmkv/assets if present,
+    else an untrained tiny Qwen2-VL built from a config on first use (and cached)."""
+    shipped = os.path.join(ASSETS, DEFAULT_MODEL)
+    if os.path.isfile(os.path.join(shipped, "config.json")):
+        return shipped
+    path = os.path.join(CACHE_DIR, "mmkv-tiny-untrained")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        from .tiny import build_tiny
+        build_tiny("qwen2_vl", path)
+        with open(os.path.join(path, "mmkv.json"), "w") as f:
+            json.dump({"trained": False, "note": "random weights built from a config: answers are meaningless"}, f)
+    return path
+
+
+def resolve_model(model: str | None) -> str:
+    if model is None or model == DEFAULT_MODEL:
+        return bundled_model_path()
+    return os.fspath(model)
+
+
+def model_card(path: str) -> dict:
+    """mmkv's own notes on a checkpoint (mmkv.json), e.g. {"trained": false}."""
+    try:
+        with open(os.path.join(path, "mmkv.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def pick_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError("device='cuda' was asked for but no CUDA GPU is available; use device='cpu'")
+    return dev
+
+
+def pick_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in names:
+        raise ModelError(f"unknown dtype {dtype!r}; use one of {sorted(names)} or 'auto'")
+    return names[dtype]
+
+
+def read_model_type(path: str) -> str:
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        where = "local folder" if os.path.isdir(path) else "model id"
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"cannot load {where} {path!r}: {msg}") from None
+    mt = getattr(cfg, "model_type", None)
+    if mt not in ADAPTERS:
+        raise ModelError(f"model {path!r} is a {mt!r} model, which mmkv does not support; supported families: "
+                         f"{', '.join(sorted(ADAPTERS))}")
+    return mt
+
+
+def load_adapter(model: str | None = None, *, device=None, dtype="auto", attn_implementation: str = "sdpa",
+                 processor_kwargs: dict | None = None) -> tuple[Adapter, str]:
+    """Load model + processor and wrap them in the family's adapter.
+
+    Returns (adapter, base attention implementation). The language model is switched to the
+    `mmkv` attention implementation, which calls the base one for plain dense attention."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers.utils import logging as hf_logging
+
+    from .. import attention  # noqa: F401 - registers the "mmkv" attention implementation
+
+    path = resolve_model(model)
+    mt = read_model_type(path)
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    if attn_implementation == attention.NAME:
+        raise ModelError("attn_implementation='mmkv' is set by mmkv itself; pass the base implementation "
+                         "(sdpa, eager or flash_attention_2)")
+    progress = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m = AutoModelForImageTextToText.from_pretrained(path, dtype=dt, attn_implementation=attn_implementation)
+            proc = AutoProcessor.from_pretrained(path, **(processor_kwargs or {}))
+    except (OSError, ValueError, ImportError) as e:
+        raise ModelError(f"cannot load {path!r}: {str(e).strip().splitlines()[0]}") from None
+    finally:
+        if progress:
+            hf_logging.enable_progress_bar()
+    m = m.to(dev).eval()
+    base = m.config.get_text_config()._attn_implementation or "sdpa"
+    m.set_attn_implementation({"text_config": attention.NAME})
+    adapter = ADAPTERS[mt](m, proc)
+    adapter.path = path
+    adapter.card = model_card(path)
+    return adapter, base

@@ -1,0 +1,395 @@
+"""Pipeline: runs the data path (decode -> encode -> vision presses -> prefill -> KV presses -> decode).
+
+    pipe = mmkv.load("mmkv-tiny", recipe="kivi:2")
+    enc = pipe.encode("video.mp4", frames=64)       # vision + prefix KV, computed once
+    for q in questions:
+        print(pipe.ask(enc, q))                     # each question reuses the prefix KV
+
+When the prefix KV is computed: at `encode()`, unless a stage needs the question first (a
+query-aware vision press or prefill policy); then `encode()` keeps the visual tokens and each
+`ask()` prefills the whole prompt. When KV presses run (`compress_at`):
+- "ask" (default): once the whole prompt (video + question) is prefilled, as in the papers; each
+  question compresses its own copy of the prefix cache, and the question's prefill is exact.
+- "encode": query-agnostic presses compress the prefix right after it is prefilled, so the kept
+  encoding is already small (for many questions or very long videos); the question then attends
+  to the compressed prefix. Query-aware presses, and every press after one, still run at ask.
+Positions are always the model's positions for the uncompressed prompt; pruned and evicted
+tokens never shift the ones that stay.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import torch
+
+from .attention import forward_context
+from .cache import SEPARATOR, TEXT, VISUAL, CompressedCache, PressContext
+from .errors import InputError
+from .io import Media, load_media
+from .models.base import Adapter, Prompt
+from .recipe import Recipe
+from .stats import Result, Stats, Timer, peak_memory
+from .vision.base import VisionContext, VisualTokens
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass
+class Encoded:
+    """A video or image encoded once: visual tokens after the vision presses, the prompt prefix,
+    and (unless deferred) the prefix KV cache after query-agnostic KV presses.
+
+    Reuse it for any number of `Pipeline.ask` calls; it is never modified by them."""
+
+    media: Media
+    visual: VisualTokens
+    prefix: Prompt
+    keep: torch.Tensor            # [L] bool: prefix tokens that enter the LLM
+    token_type: torch.Tensor      # [L_kept] int8 TEXT / VISUAL / SEPARATOR
+    embeds: torch.Tensor | None   # [L_kept, D] kept prefix embeddings (kept only while prefill is deferred)
+    cache: CompressedCache | None
+    stats: Stats
+    system: str | None = None
+    consumed: bool = False
+    prefill_state: dict = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return self.visual.kind
+
+    @property
+    def prefix_len(self) -> int:
+        return int(self.keep.sum())
+
+    @property
+    def deferred(self) -> bool:
+        return self.cache is None
+
+
+class _Detokenizer:
+    """Incremental text from token ids, holding back incomplete multi-byte characters."""
+
+    def __init__(self, tokenizer):
+        self.tok, self.ids, self.text = tokenizer, [], ""
+
+    def add(self, tid: int) -> str:
+        self.ids.append(tid)
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        delta, self.text = text[len(self.text):], text
+        return delta
+
+
+class Pipeline:
+    """A loaded model + a recipe. Build with `mmkv.load(...)`."""
+
+    def __init__(self, adapter: Adapter, recipe: Recipe, base_attn: str = "sdpa", *, chunk_frames: int = 32,
+                 prefill_chunk: int = 4096, system: str | None = None, model_name: str = "",
+                 compress_at: str = "ask"):
+        if chunk_frames <= 0:
+            raise InputError(f"chunk_frames must be positive, got {chunk_frames}")
+        if prefill_chunk <= 0:
+            raise InputError(f"prefill_chunk must be positive, got {prefill_chunk}")
+        self.adapter = adapter
+        self.recipe = recipe
+        self.base_attn = base_attn
+        self.chunk_frames = adapter.frames_per_chunk(chunk_frames)
+        self.prefill_chunk = prefill_chunk
+        if compress_at not in ("ask", "encode"):
+            raise InputError(f"compress_at must be 'ask' or 'encode', got {compress_at!r}")
+        self.compress_at = compress_at
+        self.system = system
+        self.model_name = model_name or getattr(adapter, "path", "")
+        self._split_stages()
+
+    # ------------------------------------------------------------------ recipe layout
+    def _split_stages(self) -> None:
+        r = self.recipe
+        vision = r.vision
+        n_stream = 0
+        for p in vision:
+            if not (p.streaming and not p.query_aware):
+                break
+            n_stream += 1
+        self.stream_presses, self.whole_presses = vision[:n_stream], vision[n_stream:]
+        self.defer_prefill = any(p.query_aware for p in vision) or bool(getattr(r.prefill, "query_aware", False))
+        kv = r.kv
+        first_qa = next((i for i, p in enumerate(kv) if p.query_aware), len(kv))
+        if self.compress_at == "encode" and not self.defer_prefill:
+            self.kv_encode, self.kv_ask = kv[:first_qa], kv[first_qa:]
+        else:
+            self.kv_encode, self.kv_ask = [], kv
+
+    @property
+    def note(self) -> str:
+        card = getattr(self.adapter, "card", {}) or {}
+        if card.get("trained") is False:
+            return "NOTE: the model is UNTRAINED (random weights): its answers are meaningless; the stats are real."
+        return ""
+
+    def _press_ctx(self, token_type: torch.Tensor, **kw) -> PressContext:
+        a = self.adapter
+        return PressContext(token_type=token_type, num_heads=a.num_heads, num_kv_heads=a.num_kv_heads,
+                            head_dim=a.head_dim, **kw)
+
+    # ------------------------------------------------------------------ encode
+    @torch.inference_mode()
+    def encode(self, video, *, frames: int | None = None, fps: float | None = None, max_frames: int | None = None,
+               video_fps: float | None = None, system: str | None = None,
+               progress: bool | ProgressFn = False) -> Encoded:
+        """Decode, encode and compress a video (or image) once; see the module docstring."""
+        media = video if isinstance(video, Media) else load_media(video, frames=frames, fps=fps,
+                                                                   max_frames=max_frames, video_fps=video_fps)
+        system = self.system if system is None else system
+        a = self.adapter
+        stats = Stats(recipe=str(self.recipe), model=self.model_name, frames=media.num_frames, device=str(a.device))
+        report = _progress(progress)
+        with peak_memory(a.device) as peak:
+            with Timer(a.device) as t_enc:
+                vt = self._encode_visual(media, stats, report)
+            prefix = a.prefix(vt, system)
+            keep, token_type, embeds = self._assemble(prefix, vt)
+            enc = Encoded(media, vt, prefix, keep, token_type, embeds, None, stats, system)
+            if not self.defer_prefill:
+                with Timer(a.device) as t_pre:
+                    cache = CompressedCache(a.num_layers)
+                    cache.set_fused(True)
+                    pctx = self._press_ctx(token_type)
+                    self._prefill(cache, embeds, prefix.positions[:, keep], pctx, report, last_logits=False)
+                    for p in self.kv_encode:
+                        p.compress(cache, pctx)
+                    enc.prefill_state = pctx.stats
+                enc.cache, enc.embeds = cache, None
+                stats.prefill_s = t_pre.seconds
+        stats.encode_s = t_enc.seconds
+        stats.peak_memory_bytes, stats.peak_memory_kind = peak["bytes"], peak["kind"]
+        return enc
+
+    def _encode_visual(self, media: Media, stats: Stats, report) -> VisualTokens:
+        a = self.adapter
+        vctx = VisionContext(adapter=a, stats=stats.extra)
+        counts = {p.name: [0, 0] for p in self.stream_presses}
+        if media.kind == "image":
+            vt = a.encode_image(media.image())
+        else:
+            states = [p.start(vctx) for p in self.stream_presses]
+            parts, slot, per_slot, n_patches = [], 0, 0, 0
+            n_chunks = math.ceil(media.num_frames / self.chunk_frames)
+            for i, (frames, ts) in enumerate(media.chunks(self.chunk_frames)):
+                chunk = a.encode_chunk(frames, ts, slot, slot * per_slot)
+                per_slot = chunk.grid[1] * chunk.grid[2]
+                slot += chunk.grid[0]
+                n_patches += chunk.num
+                for p, st in zip(self.stream_presses, states):
+                    counts[p.name][0] += chunk.num
+                    chunk = p.step(chunk, st, vctx)
+                    counts[p.name][1] += chunk.num
+                parts.append(chunk)
+                report("encode", i + 1, n_chunks)
+            vt = a.finish_video(parts, media)
+            for p, st in zip(self.stream_presses, states):
+                vt = p.finish(vt, st, vctx)
+        stats.visual_tokens.append(("encoder", vt.n_total, vt.n_total))
+        if self.stream_presses:
+            n_sep = vt.n_total - n_patches  # separators the adapter adds after the chunks
+            for p in self.stream_presses:
+                stats.visual_tokens.append((p.name, counts[p.name][0] + n_sep, counts[p.name][1] + n_sep))
+            name, before, _ = stats.visual_tokens[-1]
+            stats.visual_tokens[-1] = (name, before, vt.num)
+        for p in self.whole_presses:
+            before = vt.num
+            vt = p.compress(vt, vctx)
+            stats.visual_tokens.append((p.name, before, vt.num))
+        if vt.num and not bool((vt.index[1:] > vt.index[:-1]).all()):
+            raise RuntimeError("a vision press returned tokens out of sequence order")
+        return vt
+
+    def _assemble(self, prefix: Prompt, vt: VisualTokens):
+        """Kept prefix tokens: mask over the prompt, their token types, and their embeddings."""
+        a = self.adapter
+        slots = prefix.visual.nonzero().squeeze(1)            # prompt index of each uncompressed visual token
+        keep = ~prefix.visual
+        kept_slots = slots[vt.index]
+        keep[kept_slots] = True
+        order = torch.zeros(len(prefix.ids), dtype=torch.long)
+        order[keep] = torch.arange(int(keep.sum()))
+        token_type = torch.full((int(keep.sum()),), TEXT, dtype=torch.int8)
+        vis_rows = order[kept_slots]
+        token_type[vis_rows] = torch.where(vt.is_patch, VISUAL, SEPARATOR).to(torch.int8)
+        embeds = torch.empty(int(keep.sum()), vt.embeds.shape[-1], dtype=a.dtype, device=a.device)
+        text = ~prefix.visual[keep]
+        embeds[text.to(a.device)] = a.embed(prefix.ids[keep][text])
+        embeds[vis_rows.to(a.device)] = vt.embeds.to(a.device, a.dtype)
+        return keep, token_type, embeds
+
+    # ------------------------------------------------------------------ prefill and decode
+    def _prefill(self, cache, embeds, positions, pctx: PressContext, report, last_logits=True, record=0):
+        """Run the language model over `embeds` [L, D] at `positions` [P, L], chunk by chunk."""
+        a = self.adapter
+        policy = self.recipe.prefill
+        if policy is not None:
+            policy.begin(pctx)
+        n = embeds.shape[0]
+        hidden = None
+        with forward_context(cache=cache, base=self.base_attn, policy=policy, record_queries=record) as fctx:
+            for s in range(0, n, self.prefill_chunk):
+                e = min(n, s + self.prefill_chunk)
+                fctx.record_queries = min(record, e - s) if record and e == n else 0
+                out = a.text_model(inputs_embeds=embeds[None, s:e], position_ids=a.model_positions(
+                    positions[:, s:e].to(a.device)), past_key_values=cache, use_cache=True)
+                hidden = out.last_hidden_state[:, -1]
+                report("prefill", e, n)
+            pctx.queries = dict(fctx.queries)
+        if policy is not None:
+            policy.end(cache, pctx)
+        return a.lm_head(hidden).float() if last_logits else None
+
+    def _step(self, cache, token: int, position: int):
+        a = self.adapter
+        emb = a.embed(torch.tensor([[token]], device=a.device))
+        pos = torch.full((a.pos_dims, 1), position, dtype=torch.long)
+        with forward_context(cache=cache, base=self.base_attn):
+            out = a.text_model(inputs_embeds=emb, position_ids=a.model_positions(pos.to(a.device)),
+                               past_key_values=cache, use_cache=True)
+        return a.lm_head(out.last_hidden_state[:, -1]).float()
+
+    # ------------------------------------------------------------------ ask
+    @torch.inference_mode()
+    def ask(self, encoded: Encoded, question: str, *, max_new_tokens: int = 64, do_sample: bool = False,
+            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+            reuse: bool = True, on_text: Callable[[str], None] | None = None,
+            progress: bool | ProgressFn = False, output_scores: bool = False) -> Result:
+        """Answer `question` about an encoded video. With reuse=False the encoding's cache is
+        consumed (no copy; the encoding cannot be asked again). `output_scores=True` keeps the
+        logits of every generated position in `result.scores` ([vocab] fp32 tensors)."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        if do_sample and not temperature > 0:
+            raise InputError(f"temperature must be positive when sampling, got {temperature}")
+        if encoded.consumed:
+            raise InputError("this encoded video was consumed by ask(reuse=False); encode it again")
+        a = self.adapter
+        report = _progress(progress)
+        stats = replace(encoded.stats, visual_tokens=list(encoded.stats.visual_tokens), extra=dict(encoded.stats.extra))
+        suffix = a.suffix(question, encoded.kind, encoded.prefix.next_text_position, encoded.system)
+        # generated tokens continue after the largest prompt position (as transformers' rope_deltas do)
+        next_position = max(encoded.prefix.max_position, suffix.max_position) + 1
+        q_emb = a.embed(suffix.ids)
+        with peak_memory(a.device) as peak:
+            with Timer(a.device) as t_pre:
+                if encoded.deferred:
+                    cache = CompressedCache(a.num_layers)
+                    cache.set_fused(True)
+                    embeds = torch.cat([encoded.embeds, q_emb])
+                    positions = torch.cat([encoded.prefix.positions[:, encoded.keep], suffix.positions], 1)
+                else:
+                    cache = encoded.cache.clone() if reuse else encoded.cache
+                    embeds, positions = q_emb, suffix.positions
+                token_type = torch.cat([encoded.token_type, torch.full((len(suffix.ids),), TEXT, dtype=torch.int8)])
+                start = encoded.prefix_len
+                pctx = self._press_ctx(token_type, question=(start, start + len(suffix.ids)), question_embeds=q_emb)
+                pctx.stats.update(encoded.prefill_state)
+                record = len(suffix.ids) if any(p.query_aware for p in self.kv_ask) else 0
+                logits = self._prefill(cache, embeds, positions, pctx, report, record=record)
+                for p in self.kv_ask:
+                    p.compress(cache, pctx)
+                pctx.queries = {}
+            if not reuse:
+                encoded.consumed, encoded.cache = True, None
+            stats.kv_len_per_layer = cache.lengths()
+            stats.kv_bytes, stats.kv_bytes_fp16 = cache.nbytes(), cache.fp16_bytes()
+            stats.kv_bytes_by_class, stats.kv_index_bytes = cache.bytes_by_class(), cache.index_nbytes()
+            stats.prompt_tokens = len(token_type)
+            with Timer(a.device) as t_dec:
+                scores: list | None = [] if output_scores else None
+                tokens = self._decode(cache, logits, next_position, pctx, max_new_tokens, do_sample,
+                                      temperature, top_k, top_p, seed, on_text, report, scores)
+        stats.prefill_s += t_pre.seconds
+        stats.decode_s = t_dec.seconds
+        stats.new_tokens = len(tokens)
+        stats.peak_memory_bytes = max(stats.peak_memory_bytes, peak["bytes"])
+        stats.peak_memory_kind = peak["kind"]
+        stats.extra.update(pctx.stats)
+        stats.extra["kv_bytes_final"] = cache.nbytes()
+        text = a.tokenizer.decode(tokens, skip_special_tokens=True)
+        return Result(text=text.strip(), stats=stats, tokens=tokens, note=self.note, scores=scores)
+
+    def _decode(self, cache, logits, position, pctx, max_new_tokens, do_sample, temperature, top_k, top_p, seed,
+                on_text, report, scores=None) -> list[int]:
+        stop = self.adapter.stop_ids()
+        gen = torch.Generator(device="cpu").manual_seed(seed) if (do_sample and seed is not None) else None
+        detok = _Detokenizer(self.adapter.tokenizer) if on_text else None
+        tokens: list[int] = []
+        for step in range(max_new_tokens):
+            if scores is not None:
+                scores.append(logits[0].cpu())
+            tok = _select(logits[0], do_sample, temperature, top_k, top_p, gen)
+            if tok in stop:
+                break
+            tokens.append(tok)
+            if detok is not None:
+                delta = detok.add(tok)
+                if delta:
+                    on_text(delta)
+            report("decode", step + 1, max_new_tokens)
+            if step == max_new_tokens - 1:
+                break
+            pctx.token_type = torch.cat([pctx.token_type, torch.tensor([TEXT], dtype=torch.int8)])
+            logits = self._step(cache, tok, position + step)
+            for p in self.recipe.kv:
+                p.on_decode(cache, pctx, step)
+        return tokens
+
+    # ------------------------------------------------------------------ one call
+    def generate(self, video, question: str, *, frames: int | None = None, fps: float | None = None,
+                 max_frames: int | None = None, video_fps: float | None = None, system: str | None = None,
+                 progress: bool | ProgressFn = False, **ask_kwargs) -> Result:
+        """Encode `video` and answer `question` (the encoding is consumed, not copied)."""
+        if not isinstance(question, str) or not question.strip():
+            raise InputError("the question is empty; ask something about the video")
+        enc = self.encode(video, frames=frames, fps=fps, max_frames=max_frames, video_fps=video_fps, system=system,
+                          progress=progress)
+        return self.ask(enc, question, reuse=False, progress=progress, **ask_kwargs)
+
+
+def _select(logits: torch.Tensor, do_sample, temperature, top_k, top_p, gen) -> int:
+    if not do_sample:
+        return int(torch.argmax(logits))
+    x = logits.float().cpu() / temperature
+    if top_k and top_k > 0:
+        kth = torch.topk(x, min(top_k, x.numel())).values[-1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if top_p < 1.0:
+        srt, idx = torch.sort(x, descending=True)
+        cum = torch.softmax(srt, -1).cumsum(-1)
+        drop = cum - torch.softmax(srt, -1) > top_p
+        x[idx[drop]] = float("-inf")
+    return int(torch.multinomial(torch.softmax(x, -1), 1, generator=gen))
+
+
+def _progress(progress) -> ProgressFn:
+    """progress=True: tqdm bars on stderr; a callable gets (stage, done, total); False: nothing."""
+    if callable(progress):
+        return progress
+    if not progress:
+        return lambda *a: None
+    from tqdm.auto import tqdm
+
+    bars: dict = {}
+
+    def report(stage, done, total):
+        bar = bars.get(stage)
+        if bar is None or bar.total != total:
+            if bar is not None:
+                bar.close()
+            bar = bars[stage] = tqdm(total=total, desc=stage, unit="tok" if stage != "encode" else "chunk",
+                                     leave=False, dynamic_ncols=True)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+            bars.pop(stage, None)
+
+    return report
