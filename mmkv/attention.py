@@ -14,7 +14,9 @@ queries). That stays right when layers hold different numbers of entries after e
 which a single model-wide mask cannot express. Batch size 1, no padding.
 
 It can also record the post-RoPE query states of the last `record_queries` tokens of every
-layer, which query-aware presses (LOOK-M's text prior, VidKV's protection) use as probe rows.
+layer, and calls `observers` on every prefill chunk with the chunk's queries and all keys the
+layer holds (full precision), so presses can accumulate attention statistics block by block
+(probe rows, attention received) without ever forming an [L, L] matrix.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ class ForwardContext:
     policy: Any = None              # prefill policy: .attend(module, q, k, v, scaling, ctx) -> out | None
     record_queries: int = 0         # keep query rows of the last n tokens per layer
     queries: dict = field(default_factory=dict)  # layer_idx -> [B, Hq, n, D]
+    observers: list = field(default_factory=list)  # fn(idx, layer, query, key, value, scaling, q_start)
     state: dict = field(default_factory=dict)    # free slot for policies (per-layer records)
 
 
@@ -108,6 +111,11 @@ def mmkv_attention(module, query, key, value, attention_mask, scaling=None, drop
     layer_idx = module.layer_idx
     if ctx.record_queries:
         ctx.queries[layer_idx] = query[:, :, -ctx.record_queries:]
+    if ctx.observers and ctx.cache is not None:
+        layer = ctx.cache.layers[layer_idx]
+        q_start = layer.seen - query.shape[2]  # sequence index of the first query of this chunk
+        for fn in ctx.observers:
+            fn(layer_idx, layer, query, key, value, scaling, q_start)
     if ctx.policy is not None:
         out = ctx.policy.attend(module, query, key, value, scaling, ctx)
         if out is not None:

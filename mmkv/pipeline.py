@@ -18,6 +18,7 @@ tokens never shift the ones that stay.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -118,6 +119,7 @@ class Pipeline:
         self.defer_prefill = any(p.query_aware for p in vision) or bool(getattr(r.prefill, "query_aware", False))
         kv = r.kv
         first_qa = next((i for i, p in enumerate(kv) if p.query_aware), len(kv))
+        self._decode_hooks = ([r.prefill] if r.prefill is not None else []) + kv
         if self.compress_at == "encode" and not self.defer_prefill:
             self.kv_encode, self.kv_ask = kv[:first_qa], kv[first_qa:]
         else:
@@ -139,8 +141,9 @@ class Pipeline:
     @torch.inference_mode()
     def encode(self, video, *, frames: int | None = None, fps: float | None = None, max_frames: int | None = None,
                video_fps: float | None = None, system: str | None = None,
-               progress: bool | ProgressFn = False) -> Encoded:
-        """Decode, encode and compress a video (or image) once; see the module docstring."""
+               progress: bool | ProgressFn = False, prefill: bool = True) -> Encoded:
+        """Decode, encode and compress a video (or image) once; see the module docstring.
+        `prefill=False` keeps only the visual tokens: each ask() then prefills the whole prompt."""
         media = video if isinstance(video, Media) else load_media(video, frames=frames, fps=fps,
                                                                    max_frames=max_frames, video_fps=video_fps)
         system = self.system if system is None else system
@@ -153,15 +156,16 @@ class Pipeline:
             prefix = a.prefix(vt, system)
             keep, token_type, embeds = self._assemble(prefix, vt)
             enc = Encoded(media, vt, prefix, keep, token_type, embeds, None, stats, system)
-            if not self.defer_prefill:
+            if prefill and not self.defer_prefill:
                 with Timer(a.device) as t_pre:
                     cache = CompressedCache(a.num_layers)
                     cache.set_fused(True)
-                    pctx = self._press_ctx(token_type)
+                    pctx = self._press_ctx(token_type, visual_embeds=vt.embeds, phase="encode",
+                                           compress=self.compress_at == "encode")
                     self._prefill(cache, embeds, prefix.positions[:, keep], pctx, report, last_logits=False)
                     for p in self.kv_encode:
                         p.compress(cache, pctx)
-                    enc.prefill_state = pctx.stats
+                    enc.prefill_state = {"stats": pctx.stats, "state": pctx.state}
                 enc.cache, enc.embeds = cache, None
                 stats.prefill_s = t_pre.seconds
         stats.encode_s = t_enc.seconds
@@ -234,7 +238,9 @@ class Pipeline:
             policy.begin(pctx)
         n = embeds.shape[0]
         hidden = None
-        with forward_context(cache=cache, base=self.base_attn, policy=policy, record_queries=record) as fctx:
+        observers = [functools.partial(p.observe, ctx=pctx) for p in self.recipe.kv if hasattr(p, "observe")]
+        with forward_context(cache=cache, base=self.base_attn, policy=policy, record_queries=record,
+                             observers=observers) as fctx:
             for s in range(0, n, self.prefill_chunk):
                 e = min(n, s + self.prefill_chunk)
                 fctx.record_queries = min(record, e - s) if record and e == n else 0
@@ -290,8 +296,10 @@ class Pipeline:
                     embeds, positions = q_emb, suffix.positions
                 token_type = torch.cat([encoded.token_type, torch.full((len(suffix.ids),), TEXT, dtype=torch.int8)])
                 start = encoded.prefix_len
-                pctx = self._press_ctx(token_type, question=(start, start + len(suffix.ids)), question_embeds=q_emb)
-                pctx.stats.update(encoded.prefill_state)
+                pctx = self._press_ctx(token_type, question=(start, start + len(suffix.ids)), question_embeds=q_emb,
+                                       visual_embeds=encoded.visual.embeds)
+                pctx.stats.update(encoded.prefill_state.get("stats", {}))
+                pctx.state.update(encoded.prefill_state.get("state", {}))
                 record = len(suffix.ids) if any(p.query_aware for p in self.kv_ask) else 0
                 logits = self._prefill(cache, embeds, positions, pctx, report, record=record)
                 for p in self.kv_ask:
@@ -339,7 +347,7 @@ class Pipeline:
                 break
             pctx.token_type = torch.cat([pctx.token_type, torch.tensor([TEXT], dtype=torch.int8)])
             logits = self._step(cache, tok, position + step)
-            for p in self.recipe.kv:
+            for p in self._decode_hooks:
                 p.on_decode(cache, pctx, step)
         return tokens
 
@@ -350,8 +358,10 @@ class Pipeline:
         """Encode `video` and answer `question` (the encoding is consumed, not copied)."""
         if not isinstance(question, str) or not question.strip():
             raise InputError("the question is empty; ask something about the video")
+        # one question: prefill the whole prompt in one pass (as plain generate does), unless the
+        # prefix must be compressed on its own first (compress_at="encode")
         enc = self.encode(video, frames=frames, fps=fps, max_frames=max_frames, video_fps=video_fps, system=system,
-                          progress=progress)
+                          progress=progress, prefill=bool(self.kv_encode))
         return self.ask(enc, question, reuse=False, progress=progress, **ask_kwargs)
 
 

@@ -155,7 +155,7 @@ def _rss_bytes() -> int:
 @contextmanager
 def peak_memory(device):
     """Yields a dict filled on exit with {"bytes", "kind"}: CUDA max allocated during the block,
-    or the peak resident set size sampled every 5 ms on CPU."""
+    or the peak resident set size sampled every 20 ms on CPU."""
     out = {"bytes": 0, "kind": ""}
     dev = torch.device(device)
     if dev.type == "cuda":
@@ -171,7 +171,7 @@ def peak_memory(device):
     stop = threading.Event()
 
     def sample():
-        while not stop.wait(0.005):
+        while not stop.wait(0.02):
             peak[0] = max(peak[0], _rss_bytes())
 
     th = threading.Thread(target=sample, daemon=True)

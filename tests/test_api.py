@@ -26,8 +26,8 @@ def test_encode_once_ask_many_equals_separate_calls(tiny_dir, recipe):
     assert enc.cache.nbytes() == n_bytes  # asking never changes the encoding
     for q, r in zip(QS, many):
         sep = pipe.generate(video, q, max_new_tokens=8, output_scores=True)
-        assert r.tokens == sep.tokens
-        torch.testing.assert_close(torch.stack(r.scores), torch.stack(sep.scores))
+        assert r.tokens == sep.tokens  # (ask prefills the question on its own; generate does one pass)
+        torch.testing.assert_close(torch.stack(r.scores), torch.stack(sep.scores), atol=1e-4, rtol=1e-4)
 
 
 def test_compress_at_encode_shrinks_the_encoding(tiny_dir):

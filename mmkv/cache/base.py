@@ -20,6 +20,14 @@ class PressContext:
     queries:    {layer: [B, Hq, n, D]} post-RoPE queries of the last n prompt tokens, recorded
                 during the question's prefill when a press is query-aware.
     stats:      presses record their extras here (shown in Result.stats.extra).
+    state:      press-private data (e.g. attention statistics gathered by `observe`), keyed by
+                the press. It is carried from encode() to every ask(): never modify a tensor in
+                it in place (state[k] = state[k] + x, not +=), so questions stay independent.
+    visual_embeds: [N, D] input embeddings of the kept visual tokens, in sequence order.
+    phase:      "encode" (prefix prefill) or "ask" (question prefill and decoding).
+    compress:   True at the point where KV compression happens (after the question's prefill by
+                default; after the prefix's with compress_at="encode"); prefill policies that
+                compress the cache in `end()` check it.
     """
 
     token_type: torch.Tensor
@@ -29,7 +37,11 @@ class PressContext:
     num_kv_heads: int = 0
     head_dim: int = 0
     question_embeds: torch.Tensor | None = None
+    visual_embeds: torch.Tensor | None = None
     stats: dict = field(default_factory=dict)
+    state: dict = field(default_factory=dict)
+    phase: str = "ask"
+    compress: bool = True
 
     @property
     def scaling(self) -> float:
@@ -50,3 +62,10 @@ class KVPress(Stage):
 
     def on_decode(self, cache, ctx: PressContext, step: int) -> None:
         """Called after decode step `step` (0-based) has appended its token."""
+
+    # Presses that need attention statistics from the prefill define
+    #   observe(self, idx, layer, query, key, value, scaling, q_start, ctx) -> None
+    # It is called for every layer (index idx, KVLayer layer) and prefill chunk (prefix at encode, question at ask) with the
+    # chunk's post-RoPE queries [B, Hq, Lq, D] (sequence indices q_start .. q_start + Lq - 1), and
+    # the full-precision keys/values the layer holds, [B, Hk, Lk, D], whose sequence indices are
+    # layer.positions() (the chunk's own keys are the last Lq). Store results in ctx.state.

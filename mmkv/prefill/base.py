@@ -23,4 +23,8 @@ class PrefillPolicy(Stage):
         return None
 
     def end(self, cache, press_ctx) -> None:
-        """Called after prefill: may compress the cache using what it recorded (e.g. mixed precision)."""
+        """Called after each prefill call (the prefix at encode, the question at ask). It may
+        compress the cache using what it recorded, when `press_ctx.compress` is True."""
+
+    def on_decode(self, cache, press_ctx, step: int) -> None:
+        """Called after each decode step (e.g. periodic re-selection)."""
