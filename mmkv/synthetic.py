@@ -35,7 +35,6 @@ QUESTIONS = {
     "order": "Which color appears first in the video?",
     "count": "How many colored shapes appear in the video?",
 }
-POST_PROMPT = "Answer with the option's letter from the given choices directly."
 
 
 @dataclass
@@ -64,8 +63,9 @@ class Example:
 
     @property
     def prompt(self) -> str:
-        """Question + options + instruction, the way the Video-MME runner formats them."""
-        return "\n".join([self.question, *self.options, POST_PROMPT])
+        """The Video-MME prompt (lmms-eval's format) of this example's question and options."""
+        from .evaluation.prompts import videomme_prompt
+        return videomme_prompt(self.question, self.options)
 
     def row(self, video_id: str) -> dict:
         return {"videoID": video_id, "question_id": f"{video_id}-1", "duration": "short", "domain": "Synthetic",

@@ -1,0 +1,1 @@
+"""Benchmarks reachable as `mmkv bench NAME` (scripts in benchmarks/ call these too)."""

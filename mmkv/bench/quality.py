@@ -1,0 +1,125 @@
+"""Quality benchmark: accuracy against compression on held-out synthetic needle videos.
+
+One run, one table: for the uncompressed model and every recipe below, the accuracy on the
+same held-out videos, next to the visual tokens kept, the KV bytes stored (and bits per element),
+and prefill / decode time, all measured on the same run.
+
+    mmkv bench quality                          # bundled model, 256-frame held-out set
+    mmkv bench quality --frames 512 --n 50      # generalisation to longer videos
+    mmkv bench quality --recipes none,kivi:2    # a subset
+
+Adding a recipe to the table is one line in RECIPES.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import time
+
+# (recipe string, label). Add a line to put a method in the table.
+RECIPES: list[tuple[str, str]] = [
+    ("none", "uncompressed"),
+    ("kivi:4", "KIVI 4-bit"),
+    ("kivi:2", "KIVI 2-bit"),
+    ("streaming:recent=512", "StreamingLLM 4+512"),
+    ("streaming:recent=128", "StreamingLLM 4+128"),
+]
+
+HELD_OUT_SEED = 1_000_000  # training uses seeds below this
+
+
+def extract_letter(text: str) -> str:
+    """The chosen option letter: the first standalone A-D, else ''."""
+    m = re.search(r"\b([ABCD])\b", text.upper())
+    return m.group(1) if m else ""
+
+
+def dataset(data_dir: str, n: int, frames: int, seed: int) -> list[dict]:
+    """Held-out examples as mp4 + Video-MME rows (written once, then reused)."""
+    from ..synthetic import write_dataset
+
+    path = os.path.join(data_dir, "videomme.json")
+    if os.path.exists(path):
+        rows = json.load(open(path))
+        if len(rows) >= n and rows[0]["num_frames"] == frames and rows[0]["seed"] == seed:
+            return rows[:n]
+    write_dataset(data_dir, n, frames, seed)
+    return json.load(open(path))
+
+
+def run(model: str, recipes: list[tuple[str, str]], rows: list[dict], data_dir: str, progress=True) -> list[dict]:
+    import mmkv
+    from ..evaluation.prompts import videomme_prompt
+
+    out = []
+    for spec, label in recipes:
+        pipe = mmkv.load(model, recipe=spec)
+        correct, kept, total_vis, kv, kv16, pre, dec, extra = 0, 0, 0, 0, 0, 0.0, 0.0, {}
+        by_task: dict[str, list[int]] = {}
+        t0 = time.perf_counter()
+        for i, row in enumerate(rows):
+            video = os.path.join(data_dir, f"{row['videoID']}.mp4")
+            res = pipe.generate(video, videomme_prompt(row["question"], row["options"]), frames=row["num_frames"],
+                                max_new_tokens=4)
+            ok = int(extract_letter(res.text) == row["answer"])
+            correct += ok
+            by_task.setdefault(row["task_type"], []).append(ok)
+            s = res.stats
+            kept += s.visual_tokens_kept
+            total_vis += s.visual_tokens_in
+            kv += s.kv_bytes
+            kv16 += s.kv_bytes_fp16
+            pre += s.prefill_s
+            dec += s.decode_s
+            for k, v in s.extra.items():
+                if isinstance(v, (int, float)):
+                    extra[k] = extra.get(k, 0) + v / len(rows)
+            if progress:
+                print(f"\r  {label}: {i + 1}/{len(rows)} acc {100 * correct / (i + 1):.1f}%", end="", flush=True)
+        if progress:
+            print(f"  ({time.perf_counter() - t0:.0f} s)")
+        out.append({"recipe": spec, "label": label, "n": len(rows), "accuracy": correct / len(rows),
+                    "by_task": {k: sum(v) / len(v) for k, v in by_task.items()},
+                    "visual_kept": kept / max(total_vis, 1), "kv_ratio": kv / max(kv16, 1),
+                    "bits_per_element": 16 * kv / max(kv16, 1), "prefill_s": pre / len(rows),
+                    "decode_s": dec / len(rows), "extra": extra})
+    return out
+
+
+def table(results: list[dict]) -> str:
+    base = next((r["accuracy"] for r in results if r["recipe"] == "none"), None)
+    lines = [f"| recipe | accuracy | Δ vs none | visual tokens kept | KV bytes vs fp16 | bits/elem | "
+             f"prefill s | decode s |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        delta = f"{100 * (r['accuracy'] - base):+.1f}" if base is not None else "n/a"
+        lines.append(f"| `{r['recipe']}` ({r['label']}) | {100 * r['accuracy']:.1f}% | {delta} | "
+                     f"{100 * r['visual_kept']:.1f}% | {100 * r['kv_ratio']:.1f}% | {r['bits_per_element']:.2f} | "
+                     f"{r['prefill_s']:.3f} | {r['decode_s']:.3f} |")
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="mmkv-tiny")
+    p.add_argument("--frames", type=int, default=256, help="frames per held-out video")
+    p.add_argument("--n", type=int, default=100, help="held-out videos")
+    p.add_argument("--seed", type=int, default=HELD_OUT_SEED)
+    p.add_argument("--recipes", default=None, help="comma-separated recipes (default: the built-in list)")
+    p.add_argument("--data-dir", default=None, help="where the held-out mp4s are cached")
+    p.add_argument("--json", default=None, help="also write the results here")
+
+
+def main(args) -> int:
+    from ..models.loading import CACHE_DIR
+
+    data_dir = args.data_dir or os.path.join(CACHE_DIR, f"needle_heldout_{args.frames}_{args.seed}")
+    rows = dataset(data_dir, args.n, args.frames, args.seed)
+    recipes = RECIPES if not args.recipes else [(r.strip(), r.strip()) for r in args.recipes.split(",")]
+    print(f"model {args.model}; {len(rows)} held-out videos of {args.frames} frames (seed {args.seed}); data {data_dir}")
+    results = run(args.model, recipes, rows, data_dir)
+    print(table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "frames": args.frames, "n": len(rows), "results": results}, f, indent=1)
+    return 0
