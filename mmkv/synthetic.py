@@ -7,7 +7,7 @@ answered by finding the needles: what colour, what shape, which colour came firs
 Everything is a function of the seed, so a (seed, length) pair is a reproducible example.
 
     from mmkv.synthetic import make_example, write_dataset
-    ex = make_example(seed=3, num_frames=256)            # frames [256, 112, 112, 3], question, answer
+    ex = make_example(seed=3, num_frames=256)            # frames [256, 56, 56, 3], question, answer
     write_dataset("data/needle256", n=100, num_frames=256, seed=10_000)   # mp4s + Video-MME rows
 
 `write_dataset` writes `<id>.mp4` files and `videomme.json`: rows in the Video-MME layout
@@ -27,7 +27,7 @@ SHAPES = ("circle", "square", "triangle", "cross")
 TASKS = ("color", "shape", "order", "count")
 LETTERS = "ABCD"
 FPS = 2.0
-SIZE = 112
+SIZE = 56  # frames are SIZE x SIZE: 4x4 patches of 14 px, 2x2 = 4 Qwen tokens per 2 frames
 
 QUESTIONS = {
     "color": "What color is the shape that appears in the video?",
@@ -86,7 +86,7 @@ def _draw_shape(img: np.ndarray, shape: str, x: int, y: int, r: int, color) -> N
         pts = np.array([[x, y - r], [x - r, y + r], [x + r, y + r]], np.int32)
         cv2.fillPoly(img, [pts], c)
     elif shape == "cross":
-        w = max(2, r // 3)
+        w = max(1, r // 3)
         cv2.rectangle(img, (x - r, y - w), (x + r, y + w), c, -1)
         cv2.rectangle(img, (x - w, y - r), (x + w, y + r), c, -1)
     else:
@@ -94,52 +94,58 @@ def _draw_shape(img: np.ndarray, shape: str, x: int, y: int, r: int, color) -> N
 
 
 def _place_needles(rng: np.random.Generator, num_frames: int, k: int, colors: list[str]) -> list[Needle]:
-    """k needles at non-overlapping times, spread over the whole video."""
-    length = int(rng.integers(4, 9))
-    starts: list[int] = []
-    slots = np.arange(0, max(1, num_frames - length))
-    for _ in range(k):
-        free = [s for s in slots if all(abs(int(s) - t) > length + 2 for t in starts)]
-        starts.append(int(rng.choice(free)))
+    """k needles of equal length at non-overlapping times (at least 3 frames apart), placed
+    uniformly over the whole video."""
+    gap = 3
+    length = int(min(rng.integers(4, 9), max(2, (num_frames - (k - 1) * gap) // k)))
+    free = num_frames - k * length - (k - 1) * gap  # frames not taken by needles or gaps
+    if free < 0:
+        raise ValueError(f"{k} needles do not fit in {num_frames} frames")
+    offsets = np.sort(rng.integers(0, free + 1, k))
     needles = []
-    for s, c in zip(starts, colors):
-        r = int(rng.integers(10, 15))
-        needles.append(Needle(start=s, length=min(length, num_frames - s), color=c, shape=str(rng.choice(SHAPES)),
-                              x=int(rng.integers(r + 2, SIZE - r - 2)), y=int(rng.integers(r + 2, SIZE - r - 2)),
-                              size=r))
+    for i, (off, c) in enumerate(zip(offsets, colors)):
+        r = int(rng.integers(5, 8))
+        needles.append(Needle(start=int(off) + i * (length + gap), length=length, color=c,
+                              shape=str(rng.choice(SHAPES)), x=int(rng.integers(r + 2, SIZE - r - 2)),
+                              y=int(rng.integers(r + 2, SIZE - r - 2)), size=r))
     return needles
 
 
 def render(num_frames: int, needles: list[Needle], rng: np.random.Generator, size: int = SIZE) -> np.ndarray:
-    """Frames [T, size, size, 3] uint8: background, distractors, needles."""
+    """Frames [T, size, size, 3] uint8: noisy gray background, wandering gray distractor squares,
+    and the needles (saturated shapes, visible for their frames only)."""
     bg = int(rng.integers(50, 100))
-    frames = np.empty((num_frames, size, size, 3), np.uint8)
+    bank = np.clip(rng.normal(bg, 4.0, (16, size, size)), 0, 255).astype(np.uint8)  # noise frames
+    gray = bank[rng.integers(0, len(bank), num_frames)]                             # [T, H, W]
     n_d = int(rng.integers(2, 5))
-    pos = rng.uniform(8, size - 8, (n_d, 2))
-    vel = rng.normal(0, 2.0, (n_d, 2))
-    shade = rng.integers(140, 230, n_d)
+    half = max(2, size // 28)                    # distractor squares of 2 * half px
+    pos = rng.uniform(half + 1, size - half - 1, (n_d, 2))
+    vel = rng.normal(0, size / 56, (n_d, 2))
+    shade = rng.integers(140, 230, n_d).astype(np.uint8)
+    kicks = rng.normal(0, 0.3 * size / 56, (num_frames, n_d, 2))
+    vmax = 1.5 * size / 56
     for t in range(num_frames):
-        f = np.clip(rng.normal(bg, 4.0, (size, size, 1)), 0, 255).astype(np.uint8).repeat(3, axis=2)
-        vel = np.clip(vel + rng.normal(0, 0.6, vel.shape), -3, 3)
+        vel = np.clip(vel + kicks[t], -vmax, vmax)
         pos = pos + vel
-        for j in range(n_d):  # bounce off the borders
-            for a in range(2):
-                if not 5 <= pos[j, a] <= size - 6:
-                    vel[j, a] *= -1
-                    pos[j, a] = np.clip(pos[j, a], 5, size - 6)
+        out = (pos < half + 1) | (pos > size - half - 2)  # bounce off the borders
+        vel[out] *= -1
+        pos = np.clip(pos, half + 1, size - half - 2)
+        for j in range(n_d):
             x, y = int(pos[j, 0]), int(pos[j, 1])
-            f[max(0, y - 4):y + 4, max(0, x - 4):x + 4] = shade[j]
-        for n in needles:
-            if n.start <= t < n.start + n.length:
-                _draw_shape(f, n.shape, n.x, n.y, n.size, COLORS[n.color])
-        frames[t] = f
+            gray[t, y - half:y + half, x - half:x + half] = shade[j]
+    frames = np.repeat(gray[..., None], 3, axis=3)
+    for n in needles:
+        for t in range(n.start, min(num_frames, n.start + n.length)):
+            _draw_shape(frames[t], n.shape, n.x, n.y, n.size, COLORS[n.color])
     return frames
 
 
-def make_example(seed: int, num_frames: int = 256, task: str | None = None, render_frames: bool = True) -> Example:
-    """The example of `seed` (deterministic). `task` forces a question type."""
-    if num_frames < 16:
-        raise ValueError(f"num_frames must be at least 16, got {num_frames}")
+def make_example(seed: int, num_frames: int = 256, task: str | None = None, render_frames: bool = True,
+                 shuffle: bool = True) -> Example:
+    """The example of `seed` (deterministic). `task` forces a question type; `shuffle=False`
+    lists the options in a fixed order (a training curriculum; evaluation always shuffles)."""
+    if num_frames < 32:
+        raise ValueError(f"num_frames must be at least 32, got {num_frames}")
     rng = np.random.default_rng(seed)
     task = task or TASKS[int(rng.integers(len(TASKS)))]
     if task not in TASKS:
@@ -159,7 +165,7 @@ def make_example(seed: int, num_frames: int = 256, task: str | None = None, rend
         needles = _place_needles(rng, num_frames, k, [str(c) for c in rng.choice(names, k)])
         truth = str(k)
         choices = ["1", "2", "3", "4"]
-    order = [str(c) for c in rng.permutation(choices)]
+    order = [str(c) for c in rng.permutation(choices)] if shuffle else list(choices)
     options = [f"{LETTERS[i]}. {c}" for i, c in enumerate(order)]
     answer = LETTERS[order.index(truth)]
     frames = render(num_frames, needles, rng) if render_frames else None

@@ -139,7 +139,7 @@ def run_cli(capsys, *args):
 def test_cli_generate_json(tiny_dir, tmp_path, capsys):
     from mmkv.synthetic import make_example, write_video
     path = str(tmp_path / "v.mp4")
-    write_video(path, make_example(1, 16).frames)
+    write_video(path, make_example(1, 32).frames)
     code, out, err = run_cli(capsys, "generate", path, "What color?", "--model", tiny_dir["qwen2_vl"], "--recipe",
                              "kivi:2", "--frames", "8", "--max-new-tokens", "4", "--json")
     assert code == 0, err

@@ -15,6 +15,7 @@ from typing import Iterable
 import torch
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision")
+IMAGE_FAMILIES = ("llava_next",)  # image-only families (not in the video equivalence tests)
 
 QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                 "<|image_pad|>", "<|video_pad|>"]
@@ -53,13 +54,22 @@ TEXT_SHAPES = {
 }
 
 
-def make_tokenizer(special: list[str], corpus: Iterable[str] | None = None, vocab_size: int = 400):
-    """A byte-level BPE tokenizer trained offline on `corpus`, wrapped as a fast HF tokenizer."""
+def make_tokenizer(special: list[str], corpus: Iterable[str] | None = None, vocab_size: int = 400,
+                   split_lines: bool = False):
+    """A byte-level BPE tokenizer trained offline on `corpus`, wrapped as a fast HF tokenizer.
+
+    `split_lines=True` lets merges span whole lines (pre-tokenization splits on newlines only), so
+    frequent phrases of a narrow corpus become single tokens; any text still encodes, byte by byte."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_lines:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                              use_regex=False)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -74,13 +84,26 @@ def _mrope_section(head_dim: int) -> list[int]:
     return [t, h, half - t - h]
 
 
-def build_tiny(family: str, out_dir: str, *, shape: str = "tiny", seed: int = 0, corpus=None,
-               vocab_size: int = 400, text_overrides: dict | None = None, image_size: int = 56,
-               max_pixels: int = 112 * 112, min_pixels: int = 56 * 56) -> str:
+def build_tiny(family: str, out_dir: str, **kwargs) -> str:
     """Build a random-init checkpoint of `family` and save it (model + processor) to `out_dir`.
+    Returns `out_dir`. Keyword arguments as for `make_tiny`."""
+    model, proc = make_tiny(family, **kwargs)
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    proc.save_pretrained(out_dir)
+    return out_dir
 
-    Returns `out_dir`. `shape` picks the decoder size ("tiny" or "0.5b"); `image_size` is the
-    SigLIP input size of LLaVA-OneVision; `max_pixels`/`min_pixels` bound Qwen's frame size.
+
+def make_tiny(family: str, *, shape: str = "tiny", seed: int = 0, corpus=None, vocab_size: int = 400,
+              split_lines: bool = False,
+              text_overrides: dict | None = None, vision_overrides: dict | None = None, image_size: int = 56,
+              max_pixels: int = 112 * 112, min_pixels: int = 56 * 56):
+    """A random-init (model, processor) of `family`, not saved.
+
+    `shape` picks the decoder size ("tiny" or "0.5b"); `text_overrides` / `vision_overrides`
+    change config fields; `corpus` trains the tokenizer (`split_lines`: see make_tokenizer);
+    `image_size` is the SigLIP input size of
+    LLaVA-OneVision; `max_pixels`/`min_pixels` bound Qwen's frame size.
     """
     from transformers import (
         LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessor,
@@ -89,8 +112,8 @@ def build_tiny(family: str, out_dir: str, *, shape: str = "tiny", seed: int = 0,
         Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor,
     )
 
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
+    if family not in FAMILIES + IMAGE_FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES + IMAGE_FAMILIES}")
     if shape not in TEXT_SHAPES:
         raise ValueError(f"unknown shape {shape!r}; choose one of {sorted(TEXT_SHAPES)}")
     torch.manual_seed(seed)
@@ -98,7 +121,7 @@ def build_tiny(family: str, out_dir: str, *, shape: str = "tiny", seed: int = 0,
     head_dim = text["hidden_size"] // text["num_attention_heads"]
 
     if family in ("qwen2_vl", "qwen2_5_vl"):
-        tok = make_tokenizer(QWEN_SPECIAL, corpus, vocab_size)
+        tok = make_tokenizer(QWEN_SPECIAL, corpus, vocab_size, split_lines)
         ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
         text_cfg = dict(text, vocab_size=len(tok), max_position_embeddings=32768,
                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
@@ -113,9 +136,10 @@ def build_tiny(family: str, out_dir: str, *, shape: str = "tiny", seed: int = 0,
         if family == "qwen2_5_vl":
             cfg = Qwen2_5_VLConfig(
                 text_config=text_cfg,
-                vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
-                                   out_hidden_size=out_hidden, fullatt_block_indexes=[1], window_size=112,
-                                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2, tokens_per_second=2),
+                vision_config=dict(dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                                        out_hidden_size=out_hidden, fullatt_block_indexes=[1], window_size=112,
+                                        patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                                        tokens_per_second=2), **(vision_overrides or {})),
                 **tok_ids)
             model = Qwen2_5_VLForConditionalGeneration(cfg)
             proc = Qwen2_5_VLProcessor(image_processor=img_proc, tokenizer=tok, video_processor=vid_proc,
@@ -123,14 +147,17 @@ def build_tiny(family: str, out_dir: str, *, shape: str = "tiny", seed: int = 0,
         else:
             cfg = Qwen2VLConfig(
                 text_config=text_cfg,
-                vision_config=dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=2, hidden_size=out_hidden,
-                                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+                vision_config=dict(dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=2, hidden_size=out_hidden,
+                                        patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+                                   **(vision_overrides or {})),
                 **tok_ids)
             model = Qwen2VLForConditionalGeneration(cfg)
             proc = Qwen2VLProcessor(image_processor=img_proc, tokenizer=tok, video_processor=vid_proc,
                                     chat_template=QWEN_TEMPLATE)
+    elif family == "llava_next":
+        model, proc = _llava_next(text, corpus, vocab_size, image_size, split_lines)
     else:
-        tok = make_tokenizer(LLAVA_SPECIAL, corpus, vocab_size)
+        tok = make_tokenizer(LLAVA_SPECIAL, corpus, vocab_size, split_lines)
         ids = {t: tok.convert_tokens_to_ids(t) for t in LLAVA_SPECIAL}
         size = image_size
         cfg = LlavaOnevisionConfig(
@@ -151,7 +178,33 @@ def build_tiny(family: str, out_dir: str, *, shape: str = "tiny", seed: int = 0,
                                        num_image_tokens=(size // 14) ** 2, vision_feature_select_strategy="full",
                                        chat_template=LLAVA_TEMPLATE)
     model.generation_config.do_sample = False
-    os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir)
-    proc.save_pretrained(out_dir)
-    return out_dir
+    return model, proc
+
+
+def _llava_next(text: dict, corpus, vocab_size: int, size: int, split_lines: bool = False):
+    """LLaVA-NeXT: CLIP (with [CLS]) at `size` px, features from layer -2 without [CLS] ("default"),
+    AnyRes pinpoints up to 2 x 2 and 1 x 3 crops, a Qwen2-shaped decoder."""
+    from transformers import (
+        LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor, LlavaNextProcessor,
+    )
+
+    tok = make_tokenizer(LLAVA_SPECIAL, corpus, vocab_size, split_lines)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in LLAVA_SPECIAL}
+    pinpoints = [[size, size], [size, 2 * size], [2 * size, size], [2 * size, 2 * size], [size, 3 * size]]
+    cfg = LlavaNextConfig(
+        text_config=dict(text, model_type="qwen2", vocab_size=len(tok), max_position_embeddings=32768,
+                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False),
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=2, image_size=size, patch_size=14,
+                           projection_dim=32),
+        image_token_index=ids["<image>"], vision_feature_select_strategy="default", vision_feature_layer=-2,
+        image_grid_pinpoints=pinpoints,
+    )
+    model = LlavaNextForConditionalGeneration(cfg)
+    img = LlavaNextImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                  image_grid_pinpoints=pinpoints)
+    proc = LlavaNextProcessor(image_processor=img, tokenizer=tok, patch_size=14,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                              chat_template=LLAVA_TEMPLATE)
+    return model, proc
