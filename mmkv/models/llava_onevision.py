@@ -13,6 +13,7 @@ import torch
 
 from ..vision.base import VisualTokens
 from .base import Adapter, build_tokens, grid_coords, register_adapter
+from .vit_scores import capture_last_attention_input, query_scores
 
 
 @register_adapter
@@ -61,8 +62,11 @@ class LlavaOnevisionAdapter(Adapter):
         out = ip(images=[image], return_tensors="pt")
         pix = out["pixel_values"].to(self.device, self.model.dtype)
         sizes = out["image_sizes"]
-        emb = self.model.model.get_image_features(pix, sizes.to(self.device), return_dict=True,
-                                                  **self._feature_kwargs()).pooler_output[0]
+        with capture_last_attention_input(self.model.model.vision_tower) as cap:
+            emb = self.model.model.get_image_features(pix, sizes.to(self.device), return_dict=True,
+                                                      **self._feature_kwargs()).pooler_output[0]
+        # per-view patch scores for GlobalCom²: SigLIP has no [CLS], so the mean token is the query
+        view_scores = query_scores(cap["attn"], cap["hidden"], "mean").cpu()
         coords = self._image_coords(pix.shape[1], sizes)
         if coords.shape[0] != emb.shape[0]:
             raise RuntimeError(f"image layout has {coords.shape[0]} tokens but the model produced {emb.shape[0]}")
@@ -72,7 +76,21 @@ class LlavaOnevisionAdapter(Adapter):
         cols = int(coords[:, 2].max()) + 1
         return build_tokens(emb.to(self.dtype), coords, 0, (1, rows, cols), [0.0], "image", is_patch=is_patch,
                             meta={"base_grid": (side, side), "num_crops": pix.shape[1] - 1,
-                                  "image_size": tuple(int(x) for x in sizes[0])})
+                                  "image_size": tuple(int(x) for x in sizes[0]),
+                                  "view_scores": view_scores, "score_query": "mean",
+                                  "crop_grid": self._crop_grid(pix.shape[1], sizes)})
+
+    def _crop_grid(self, num_patches: int, image_sizes) -> tuple[int, int]:
+        """(rows, columns) of the AnyRes crops; (0, 0) for a single view."""
+        if num_patches <= 1:
+            return (0, 0)
+        from transformers.models.llava_onevision.modeling_llava_onevision import get_anyres_image_grid_shape
+        vc = self.model.config.vision_config
+        nph, npw = get_anyres_image_grid_shape(image_sizes[0].tolist(), self.model.config.image_grid_pinpoints,
+                                               vc.image_size)
+        if nph * npw != num_patches - 1:
+            raise RuntimeError(f"{nph} x {npw} crops expected, the processor made {num_patches - 1}")
+        return (int(nph), int(npw))
 
     def _image_coords(self, num_patches: int, image_sizes) -> torch.Tensor:
         """(t, h, w) of every token `pack_image_features` emits, found by packing coordinates
