@@ -120,6 +120,8 @@ class Pipeline:
         kv = r.kv
         first_qa = next((i for i, p in enumerate(kv) if p.query_aware), len(kv))
         self._decode_hooks = ([r.prefill] if r.prefill is not None else []) + kv
+        # stages that read each decode step's query rows (press_ctx.queries) in on_decode
+        self._decode_queries = any(getattr(p, "decode_queries", False) for p in self._decode_hooks)
         if self.compress_at == "encode" and not self.defer_prefill:
             self.kv_encode, self.kv_ask = kv[:first_qa], kv[first_qa:]
         else:
@@ -197,13 +199,16 @@ class Pipeline:
             for p, st in zip(self.stream_presses, states):
                 vt = p.finish(vt, st, vctx)
         stats.visual_tokens.append(("encoder", vt.n_total, vt.n_total))
-        if self.stream_presses:
+        whole = self.whole_presses
+        if media.kind == "image":  # an image is a single chunk: streaming presses compress it whole
+            whole = self.stream_presses + self.whole_presses
+        elif self.stream_presses:
             n_sep = vt.n_total - n_patches  # separators the adapter adds after the chunks
             for p in self.stream_presses:
                 stats.visual_tokens.append((p.name, counts[p.name][0] + n_sep, counts[p.name][1] + n_sep))
             name, before, _ = stats.visual_tokens[-1]
             stats.visual_tokens[-1] = (name, before, vt.num)
-        for p in self.whole_presses:
+        for p in whole:
             before = vt.num
             vt = p.compress(vt, vctx)
             stats.visual_tokens.append((p.name, before, vt.num))
@@ -253,13 +258,16 @@ class Pipeline:
             policy.end(cache, pctx)
         return a.lm_head(hidden).float() if last_logits else None
 
-    def _step(self, cache, token: int, position: int):
+    def _step(self, cache, token: int, position: int, pctx: PressContext | None = None):
         a = self.adapter
         emb = a.embed(torch.tensor([[token]], device=a.device))
         pos = torch.full((a.pos_dims, 1), position, dtype=torch.long)
-        with forward_context(cache=cache, base=self.base_attn):
+        record = 1 if pctx is not None and self._decode_queries else 0
+        with forward_context(cache=cache, base=self.base_attn, record_queries=record) as fctx:
             out = a.text_model(inputs_embeds=emb, position_ids=a.model_positions(pos.to(a.device)),
                                past_key_values=cache, use_cache=True)
+        if record:
+            pctx.queries = dict(fctx.queries)  # this step's query rows, for on_decode
         return a.lm_head(out.last_hidden_state[:, -1]).float()
 
     # ------------------------------------------------------------------ ask
@@ -346,7 +354,7 @@ class Pipeline:
             if step == max_new_tokens - 1:
                 break
             pctx.token_type = torch.cat([pctx.token_type, torch.tensor([TEXT], dtype=torch.int8)])
-            logits = self._step(cache, tok, position + step)
+            logits = self._step(cache, tok, position + step, pctx)
             for p in self._decode_hooks:
                 p.on_decode(cache, pctx, step)
         return tokens

@@ -173,13 +173,21 @@ class Recipe:
         if len(quant) > 1:
             raise RecipeError("a recipe can have at most one quantizing KV press, got "
                               + ", ".join(self.kv[i].name for i in quant))
-        if quant and any(getattr(s, "decode_evicts", False) and getattr(s, "decode", True) for s in self.kv):
+        # a press whose decode eviction only ever drops full-precision entries (it declares
+        # decode_evicts_full_precision_only, e.g. Elastic Cache) composes with a quantizer
+        if quant and any(getattr(s, "decode_evicts", False) and getattr(s, "decode", True)
+                         and not getattr(s, "decode_evicts_full_precision_only", False) for s in self.kv):
             raise RecipeError("a press that evicts during decoding cannot be combined with a quantizing press "
                               "(quantized groups cannot drop single tokens); set decode=false on it, "
                               "e.g. 'streaming:recent=512,decode=false+kivi:2'")
         if quant and quant[0] != len(self.kv) - 1:
             raise RecipeError(f"the quantizing press {self.kv[quant[0]].name!r} must be the last KV press "
                               "(evict or merge first, then quantize)")
+        # a prefill policy that compresses the KV itself (e.g. zipvl's mixed precision) owns the cache
+        if self.kv and getattr(self.prefill, "compresses_kv", False):
+            raise RecipeError(f"{self.prefill.name} compresses the KV cache itself; to combine it with KV presses "
+                              f"({', '.join(s.name for s in self.kv)}) set kv=none on it, e.g. "
+                              f"'{self.prefill.name}:kv=none+{self.kv[0].name}'")
 
     @property
     def vision(self) -> list[Stage]:

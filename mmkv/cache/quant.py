@@ -157,3 +157,67 @@ def quantize(x: torch.Tensor, bits: int, group: int, axis: str) -> QuantTensor:
     q = torch.where(s > 0, (xg - zero.float()) / s.clamp_min(1e-30), torch.zeros_like(xg))
     q = q.round_().clamp_(0, levels).to(torch.uint8).view(b, h, t, d)
     return QuantTensor(pack(q, bits), scale.squeeze(rd), zero.squeeze(rd), bits, group, axis, d)
+
+
+@dataclass
+class ChannelScaledQuant:
+    """ZipCache's "channel-separable token-wise" quantization (He et al., arXiv 2405.14256), used by
+    ZipVL's mixed-precision values: x is divided by a per-channel scale c = sqrt(max_t |x|) (over
+    the tokens quantized together, one per head and channel), then quantized per token with min-max
+    over the head dim; x ~= dequant(inner) * c. The channel scale tames outlier channels that
+    per-token statistics alone would spread over every code.
+
+    Same interface as QuantTensor (num_tokens, nbytes, dequantize, select); it has no packed-code
+    attributes of its own, so fused kernels that read a QuantTensor's fields never mistake it
+    for one."""
+
+    inner: QuantTensor          # token-wise codes of x / c
+    channel_scale: torch.Tensor  # fp16 [B, H, 1, D]
+
+    @property
+    def bits(self) -> int:
+        return self.inner.bits
+
+    @property
+    def axis(self) -> str:
+        return "token"
+
+    @property
+    def group(self) -> int:
+        return self.inner.group
+
+    @property
+    def head_dim(self) -> int:
+        return self.inner.head_dim
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return self.inner.shape
+
+    @property
+    def num_tokens(self) -> int:
+        return self.inner.num_tokens
+
+    @property
+    def nbytes(self) -> int:
+        return self.inner.nbytes + self.channel_scale.nbytes
+
+    def dequantize(self, dtype: torch.dtype = torch.float32, start: int = 0, end: int | None = None) -> torch.Tensor:
+        return (self.inner.dequantize(torch.float32, start, end) * self.channel_scale.float()).to(dtype)
+
+    def cat(self, other: "ChannelScaledQuant") -> "ChannelScaledQuant":
+        raise ValueError("channel-scaled tensors have their own channel scales and cannot be concatenated; "
+                         "keep them as separate segments")
+
+    def select(self, idx: torch.Tensor) -> "ChannelScaledQuant":
+        return ChannelScaledQuant(self.inner.select(idx), self.channel_scale)
+
+
+def quantize_channel_separable(x: torch.Tensor, bits: int) -> ChannelScaledQuant:
+    """x [B, H, T, D] -> ChannelScaledQuant: c = sqrt(max over T of |x|) per (B, H, channel), stored in
+    fp16 (zero channels get c = 1), then per-token min-max over D of x / c (with c as stored).
+    Error bound: |x - dequant| <= c * scale / 2 elementwise."""
+    c = x.float().abs().amax(2, keepdim=True).sqrt()                      # [B, H, 1, D]
+    c = torch.where(c > 0, c, torch.ones_like(c)).to(STAT_DTYPE)
+    c = torch.where(c.float() > 0, c, torch.ones_like(c))                  # fp16 underflow
+    return ChannelScaledQuant(quantize(x.float() / c.float(), bits, x.shape[-1], "token"), c)

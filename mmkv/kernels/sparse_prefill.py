@@ -1,0 +1,195 @@
+"""Token-sparse attention over gathered indices (ZipVL's O_T = Attention(Q[T], K[T], V[T])).
+
+ZipVL (He et al., arXiv 2410.08584) runs each layer's prefill attention on the important tokens
+only, causal within the subset in original order. This module computes that without ever copying
+the gathered rows: the kernel reads the query, key and value rows of the subset straight from the
+full [B, H, L, D] tensors through their index lists and writes the output rows back in place
+(gather and scatter fused), FlashAttention-2 style (online softmax, one pass over keys).
+
+Index and position convention (shared by the kernel, the reference and the dispatcher):
+    q [B, Hq, Lq, D]  k, v [B, Hk, Lk, D]  (Lq <= Lk, Hq % Hk == 0: GQA)
+    query row i sits at key index  off + i  with  off = Lk - Lq  (the Lq queries are the last Lq
+    keys: prefill of a chunk after a cached prefix), so key j is visible to query row i iff
+    j <= off + i (causal by ORIGINAL position: the subsets never get re-indexed positions).
+    q_idx [Nq] int: sorted query rows to compute (in 0..Lq-1)
+    k_idx [Nk] int: sorted key indices to attend to (in 0..Lk-1)
+    out   [B, Lq, Hq, D] in q's dtype (transformers' attention layout); rows not in q_idx, and rows
+          with no visible key, are 0.
+
+ZipVL's layer attention is `q_idx = T ∩ chunk`, `k_idx = T`; `q_idx = all rows, k_idx = T` gives
+key-only sparsity. The dispatcher `sparse_attention` runs the Triton kernel on CUDA and the
+PyTorch reference (gather + SDPA) elsewhere. Tests run the kernel on CPU with TRITON_INTERPRET=1.
+This module imports nothing from mmkv, so a test can load a private copy of it under the
+interpreter.
+"""
+from __future__ import annotations
+
+import torch
+
+try:  # triton is optional on platforms without it; the reference path needs only torch
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+    tl = None
+
+LOG2E = 1.4426950408889634
+
+
+def _check(q, k, v, q_idx, k_idx):
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"expected q [B, Hq, Lq, D], k = v [B, Hk, Lk, D]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    b, hq, lq, d = q.shape
+    if k.shape[0] != b or k.shape[-1] != d or hq % k.shape[1]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} do not match (batch, head dim, GQA groups)")
+    if lq > k.shape[2]:
+        raise ValueError(f"more queries ({lq}) than keys ({k.shape[2]}): the queries must be the last keys")
+    if q_idx.dim() != 1 or k_idx.dim() != 1:
+        raise ValueError("q_idx and k_idx must be 1-D index tensors")
+
+
+def sparse_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: torch.Tensor,
+                         k_idx: torch.Tensor, scaling: float) -> torch.Tensor:
+    """PyTorch reference (see the module docstring for shapes): gathers the subset and runs SDPA.
+
+    Also the CPU production path. When the subset is aligned (Lq == Lk and q_idx == k_idx, the
+    ZipVL case for a whole-prompt prefill) the gathered problem is plain causal attention."""
+    _check(q, k, v, q_idx, k_idx)
+    b, hq, lq, d = q.shape
+    lk = k.shape[2]
+    out = q.new_zeros(b, lq, hq, d)
+    if q_idx.numel() == 0 or k_idx.numel() == 0:
+        return out
+    q_idx, k_idx = q_idx.to(q.device, torch.long), k_idx.to(q.device, torch.long)
+    qs, ks, vs = q.index_select(2, q_idx), k.index_select(2, k_idx), v.index_select(2, k_idx)
+    gqa = hq != k.shape[1]
+    if lq == lk and q_idx.shape == k_idx.shape and torch.equal(q_idx, k_idx):
+        res = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scaling,
+                                                               enable_gqa=gqa)
+        out[:, q_idx] = res.transpose(1, 2)
+        return out
+    vis = k_idx[None, :] <= (q_idx + (lk - lq))[:, None]           # [Nq, Nk]
+    empty = ~vis.any(1)
+    if bool(empty.any()):
+        vis = vis | empty[:, None]  # avoid NaN rows; zeroed below
+    res = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, attn_mask=vis, scale=scaling, enable_gqa=gqa)
+    res = res.masked_fill(empty[None, None, :, None], 0)
+    out[:, q_idx] = res.transpose(1, 2)
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _sparse_attn_fwd(Q, K, V, Out, QIdx, KIdx, KHi,
+                         s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd,
+                         s_vb, s_vh, s_vn, s_vd, s_ob, s_om, s_oh, s_od,
+                         n_q, off, qk_scale, H, G,
+                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+        """One program: BLOCK_M gathered query rows of one (batch, query head) over the gathered keys."""
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        hk = h // G
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < n_q
+        qi = tl.load(QIdx + offs_m, mask=m_ok, other=0).to(tl.int64)  # query rows of this block
+        qpos = qi + off                                               # their key indices
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < HEAD_DIM
+        q = tl.load(Q + b * s_qb + h * s_qh + qi[:, None] * s_qm + offs_d[None, :] * s_qd,
+                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        hi = tl.load(KHi + pid_m)  # gathered keys visible to the block's last query (causal skip)
+        k_base = K + b * s_kb + hk * s_kh
+        v_base = V + b * s_vb + hk * s_vh
+        for start in range(0, hi, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < hi
+            kj = tl.load(KIdx + offs_n, mask=n_ok, other=0).to(tl.int64)
+            kt = tl.load(k_base + kj[None, :] * s_kn + offs_d[:, None] * s_kd,
+                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)   # [BLOCK_D, BLOCK_N]
+            vb = tl.load(v_base + kj[:, None] * s_vn + offs_d[None, :] * s_vd,
+                         mask=n_ok[:, None] & d_ok[None, :], other=0.0)   # [BLOCK_N, BLOCK_D]
+            if UPCAST:
+                kt = kt.to(tl.float32)
+                vb = vb.to(tl.float32)
+            if IEEE:
+                s = tl.dot(q, kt, input_precision="ieee")
+            else:
+                s = tl.dot(q, kt)
+            s = s * qk_scale                                                  # log2 domain
+            vis = n_ok[None, :] & (kj[None, :] <= qpos[:, None])
+            s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb)
+            m_i = m_new
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(Out + b * s_ob + qi[:, None] * s_om + h * s_oh + offs_d[None, :] * s_od,
+                 o.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+
+def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: torch.Tensor,
+                            k_idx: torch.Tensor, scaling: float, block_m: int | None = None,
+                            block_n: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+    """Launch the fused gather-attention-scatter kernel.
+
+    q [B, Hq, Lq, D], k/v [B, Hk, Lk, D] (any strides), q_idx [Nq] and k_idx [Nk] sorted ascending
+    (int32/int64, on q's device) -> out [B, Lq, Hq, D] in q's dtype (see the module docstring).
+    fp16/bf16/fp32. On CUDA fp16/bf16 the products run in the input dtype with fp32 accumulation;
+    on CPU (TRITON_INTERPRET=1) and for fp32 everything is upcast to fp32 after loading (the
+    interpreter's bf16 arithmetic is wrong)."""
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    _check(q, k, v, q_idx, k_idx)
+    b, hq, lq, d = q.shape
+    hk, lk = k.shape[1], k.shape[2]
+    if d > 256:
+        raise ValueError(f"head dim {d} > 256 is not supported by the sparse prefill kernel")
+    out = q.new_zeros(b, lq, hq, d)
+    nq, nk = q_idx.numel(), k_idx.numel()
+    if nq == 0 or nk == 0:
+        return out
+    on_gpu = q.is_cuda
+    if block_m is None:
+        block_m = (64 if d <= 128 else 32) if on_gpu else 16
+    if block_n is None:
+        block_n = (64 if d <= 64 else 32) if on_gpu else 16
+    q_idx = q_idx.to(q.device, torch.int32).contiguous()
+    k_idx = k_idx.to(q.device, torch.int32).contiguous()
+    off = lk - lq
+    n_blocks = triton.cdiv(nq, block_m)
+    last = torch.clamp(torch.arange(1, n_blocks + 1, device=q.device) * block_m, max=nq) - 1
+    khi = torch.searchsorted(k_idx, q_idx[last] + off, right=True).to(torch.int32).contiguous()  # [n_blocks]
+    upcast = (not on_gpu) or q.dtype == torch.float32
+    grid = (n_blocks, b * hq)
+    _sparse_attn_fwd[grid](
+        q, k, v, out, q_idx, k_idx, khi,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        nq, off, scaling * LOG2E, hq, hq // hk,
+        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
+        UPCAST=upcast, IEEE=q.dtype == torch.float32, num_warps=num_warps or (4 if d <= 64 else 8),
+    )
+    return out
+
+
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: torch.Tensor,
+                     k_idx: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Dispatcher: the Triton kernel on CUDA (fp16/bf16/fp32, head dim <= 256), else the reference."""
+    if triton is not None and q.is_cuda and q.shape[-1] <= 256:
+        return sparse_attention_triton(q, k, v, q_idx, k_idx, scaling)
+    return sparse_attention_ref(q, k, v, q_idx, k_idx, scaling)
