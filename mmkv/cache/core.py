@@ -50,6 +50,13 @@ class QuantSegment:
         return QuantSegment(self.keys.cat(other.keys), self.values.cat(other.values),
                             torch.cat([self.pos, other.pos], 1), self.label)
 
+    def fused_attention(self, query: torch.Tensor, scaling: float):
+        """(out, lse) over the packed codes (mmkv.kernels.quant_decode): the fused Triton kernel
+        on CUDA, block-wise table-lookup dequantization elsewhere."""
+        from ..kernels.quant_decode import fused_quant_segment
+
+        return fused_quant_segment(self, query, scaling)
+
     def blocks(self, dtype: torch.dtype, block: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Dequantized (keys, values) [B, H, n, D] in blocks of at most `block` tokens."""
         n = self.num_tokens

@@ -1,0 +1,96 @@
+"""Attention statistics for KV presses, gathered block by block during prefill.
+
+Presses that rank cache entries by the attention they receive (LOOK-M, Elastic Cache) call these
+from their `observe` hook: for one prefill chunk they compute softmax rows of the chunk's queries
+(all of them, or a few "probe" rows) over every key the layer holds, a block of rows at a time,
+so no [L, L] matrix is ever formed, and add the result into a per-layer vector indexed by
+sequence index. Causality is decided by sequence index (key j is visible to query i iff
+seq(j) <= seq(i)), which stays right after earlier evictions or reorderings.
+"""
+from __future__ import annotations
+
+import torch
+
+MAX_SCORE_ELEMENTS = 1 << 24  # fp32 score elements per block: 64 MiB (x4 on CUDA, fewer launches)
+
+
+def key_positions(layer, key: torch.Tensor) -> torch.Tensor:
+    """Sequence indices [Hk, Lk] of the keys an observer was handed (the full-precision tail,
+    or every entry when the layer returned a dequantized copy)."""
+    if layer.pos is not None and layer.pos.shape[1] == key.shape[2]:
+        return layer.pos
+    pos = layer.positions()
+    if pos.shape[1] != key.shape[2]:
+        raise RuntimeError(f"cannot map {key.shape[2]} observed keys to the layer's {pos.shape[1]} entries")
+    return pos
+
+
+def attention_received(query: torch.Tensor, key: torch.Tensor, kpos: torch.Tensor, qpos: torch.Tensor,
+                       scaling: float, rows: torch.Tensor | None = None,
+                       max_elements: int | None = None) -> torch.Tensor:
+    """Softmax attention each key receives, summed over query rows, batch and the query heads of
+    each KV head's group.
+
+    query: [B, Hq, Lq, D] post-RoPE; key: [B, Hk, Lk, D] (Hq % Hk == 0, head h reads KV head h // G);
+    kpos: [Hk, Lk] sequence index of every key; qpos: [Lq] sequence index of every query;
+    rows: optional [R] indices into Lq (probe rows; all rows when None).
+    Returns [Hk, Lk] fp32. Rows are processed `max_elements // (B * Hq * Lk)` at a time.
+    """
+    if max_elements is None:
+        max_elements = MAX_SCORE_ELEMENTS * (4 if query.is_cuda else 1)
+    b, hq, _, d = query.shape
+    hk, lk = key.shape[1], key.shape[2]
+    g = hq // hk
+    if rows is not None:
+        rows = rows.to(query.device)
+        query, qpos = query[:, :, rows], qpos.to(query.device)[rows]
+    qpos = qpos.to(query.device)
+    kpos = kpos.to(query.device)
+    lq = query.shape[2]
+    out = torch.zeros(hk, lk, dtype=torch.float32, device=query.device)
+    if lq == 0:
+        return out
+    kt = key.float().transpose(-1, -2)                                   # [B, Hk, D, Lk]
+    step = max(1, max_elements // max(1, b * hq * lk))
+    for s in range(0, lq, step):
+        e = min(lq, s + step)
+        r = e - s
+        q = query[:, :, s:e].float().reshape(b, hk, g * r, d)            # [B, Hk, G*r, D]
+        sc = (torch.matmul(q, kt) * scaling).view(b, hk, g, r, lk)       # [B, Hk, G, r, Lk]
+        visible = kpos[None, :, None, None, :] <= qpos[s:e][None, None, None, :, None]
+        sc = sc.masked_fill(~visible, float("-inf"))
+        out = out + sc.softmax(-1).sum((0, 2, 3))                        # [Hk, Lk]
+    return out
+
+
+def accumulate(prev: torch.Tensor | None, contrib: torch.Tensor, kpos: torch.Tensor, length: int) -> torch.Tensor:
+    """prev [Hk, N0] (or None) + contrib [Hk, Lk] scattered to sequence indices kpos -> new [Hk, length].
+    Builds a new tensor: `prev` (which may be shared with another question's state) is not modified."""
+    hk = contrib.shape[0]
+    if prev is None:
+        base = torch.zeros(hk, length, dtype=torch.float32, device=contrib.device)
+    else:
+        prev = prev.to(contrib.device)
+        base = torch.cat([prev, prev.new_zeros(hk, max(0, length - prev.shape[1]))], 1)
+    return base.scatter_add(1, kpos.to(contrib.device).long(), contrib)
+
+
+def entry_scores(acc: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Per-entry scores [H, n] from an accumulated [Hk or 1, N] vector and entry indices pos [H, n]."""
+    pos = pos.to(acc.device).long()
+    if acc.shape[1] <= int(pos.max()):
+        acc = torch.cat([acc, acc.new_zeros(acc.shape[0], int(pos.max()) + 1 - acc.shape[1])], 1)
+    if acc.shape[0] == 1:
+        return acc[0][pos]
+    return acc.gather(1, pos)
+
+
+def gather_entries(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [B, H, n, D], idx [H, k] per-head entry indices -> [B, H, k, D]."""
+    b, _, _, d = x.shape
+    return x.gather(2, idx.to(x.device).long()[None, :, :, None].expand(b, -1, -1, d))
+
+
+def sequence_order(pos: torch.Tensor) -> torch.Tensor:
+    """[H, n] entry indices of each head in increasing sequence index."""
+    return pos.long().argsort(dim=1, stable=True)

@@ -1,0 +1,234 @@
+"""The fused quantized decode-attention kernel (mmkv.kernels.quant_decode) against its PyTorch
+reference, run on CPU by the Triton interpreter: KIVI and VidKV formats, fp16 and fp32, odd sizes,
+several splits, memory outside the valid region poisoned with NaN, and the CPU dispatch.
+
+TRITON_INTERPRET=1 must be set before triton (even triton.language's own jit functions) is
+imported, and conftest imports transformers, which imports triton. So `test_interpreter_run`
+runs this module's kernel tests (marked `interp`) in one pytest subprocess started with
+TRITON_INTERPRET=1; in this process they are skipped, and the others run as usual.
+"""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mmkv.cache import KIVI, CompressedCache
+from mmkv.cache.attend import partial_attention
+from mmkv.cache.lowbit import SignTensor, TernaryTensor, sign_quantize, ternary_quantize
+from mmkv.cache.quant import QuantTensor, quantize
+from mmkv.cache.vidkv import VidKV, quantize_keys, select_channels
+from mmkv.kernels import quant_decode as qd
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = pytest.mark.skipif(qd.triton is None, reason="triton is not installed")
+interp = pytest.mark.skipif(not INTERPRETING, reason="runs in the TRITON_INTERPRET=1 subprocess (test_interpreter_run)")
+INTERP_TESTS = "kernel_matches_reference or memory_outside or through_the_layer"  # the @interp tests (14)
+
+
+def test_interpreter_run():
+    """Run the `interp` tests below in a subprocess with TRITON_INTERPRET=1; all must pass."""
+    if INTERPRETING:
+        pytest.skip("this is the interpreter run")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", INTERP_TESTS,
+                           os.path.abspath(__file__)],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    tail = proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, tail
+    passed = re.search(r"(\d+) passed", proc.stdout)
+    assert passed and int(passed.group(1)) == 14 and "skipped" not in proc.stdout.splitlines()[-1], tail
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _vidkv_planes(b, hk, t, d, n_hi, group, values, seed):
+    g = _gen(seed)
+    k = torch.randn(b, hk, t, d, generator=g) * torch.linspace(0.3, 3, d)
+    v = torch.randn(b, hk, t, d, generator=g)
+    keys = quantize_keys(k, select_channels(k, n_hi, per_head=True), n_hi, group)
+    vq = ternary_quantize(v, group) if values == "ternary" else quantize(v, 2, group, "channel")
+    return keys, vq
+
+
+def _close(got, ref, dtype):
+    out, lse = got
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    tol = 1e-5 if dtype == torch.float32 else 3e-3
+    torch.testing.assert_close(out, ref[0], atol=tol, rtol=tol)
+    torch.testing.assert_close(lse, ref[1], atol=tol, rtol=tol)
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", [
+    # (B, Hk, G, Lq, T, D, n_hi, group, values, splits, block_n)
+    (1, 2, 3, 1, 80, 13, 5, 16, "ternary", 3, 32),      # VidKV 1.x-bit keys, ternary values
+    (2, 1, 4, 1, 48, 11, 11, 16, "2bit", 2, 16),        # key_bits = 2 (2-bit only), 2-bit values
+    (1, 3, 1, 2, 72, 9, 0, 8, "ternary", 4, 16),        # key_bits = 1 (FFT signs only), Lq = 2
+])
+def test_kernel_matches_reference_vidkv(case, dtype):
+    b, hk, gq, lq, t, d, n_hi, group, values, splits, block_n = case
+    keys, vq = _vidkv_planes(b, hk, t, d, n_hi, group, values, seed=t + d)
+    q = torch.randn(b, hk * gq, lq, d, generator=_gen(1)).to(dtype)
+    qt = keys.transform_query(q)
+    got = qd.quant_attention_triton(qt, keys.planes(), vq, 0.37, num_splits=splits, block_n=block_n, dtype=dtype)
+    _close(got, qd.quant_attention_ref(qt, keys.planes(), vq, 0.37), dtype)
+    # and the same as plain attention over the inverse-FFT keys: Parseval inside the kernel
+    dense = partial_attention(q.float(), keys.dequantize(torch.float32), vq.dequantize(torch.float32), 0.37)
+    _close(got, dense, dtype)
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kbits,vbits,kaxis,vaxis,vgroup", [(2, 2, "channel", "token", 4),
+                                                            (4, 1, "channel", "channel", 8), (8, 4, "token", "token", 3)])
+def test_kernel_matches_reference_kivi(kbits, vbits, kaxis, vaxis, vgroup, dtype):
+    b, hk, gq, t, d, group = 1, 2, 5, 56, 12, 8
+    g = _gen(kbits * 10 + vbits)
+    k, v = torch.randn(b, hk, t, d, generator=g), torch.randn(b, hk, t, d, generator=g)
+    kq = quantize(k, kbits, group if kaxis == "channel" else 4, kaxis)
+    vq = quantize(v, vbits, vgroup, vaxis)
+    q = torch.randn(b, hk * gq, 1, d, generator=g).to(dtype)
+    got = qd.quant_attention_triton(q, [kq], vq, 0.29, num_splits=3, block_n=16)
+    _close(got, qd.quant_attention_ref(q, [kq], vq, 0.29), dtype)
+
+
+def _view_tokens(x: torch.Tensor, n: int) -> torch.Tensor:
+    return x[:, :, :n]
+
+
+@interp
+def test_memory_outside_the_valid_tokens_never_reaches_the_output():
+    """Planes are views into larger buffers whose tail (tokens >= T) holds NaN scales and random
+    codes: masked loads must not read them, and the result equals the reference on the view."""
+    b, hk, t, pad, d, n_hi, group = 1, 2, 40, 24, 10, 4, 8
+    keys, vq = _vidkv_planes(b, hk, t + pad, d, n_hi, group, "ternary", seed=5)
+    tg = t // group
+    for sc in (keys.hi.scale, keys.hi.zero, keys.lo.scale, vq.scale):
+        sc[:, :, tg:] = float("nan")
+    for c in (keys.hi.codes, keys.lo.codes, vq.codes):
+        c[:, :, t:] = torch.randint(0, 243, c[:, :, t:].shape, generator=_gen(0), dtype=torch.uint8)
+    hi = QuantTensor(keys.hi.codes[:, :, :t], keys.hi.scale[:, :, :tg], keys.hi.zero[:, :, :tg], 2, group, "channel",
+                     n_hi)
+    lo = SignTensor(keys.lo.codes[:, :, :t], keys.lo.scale[:, :, :tg], group, d - n_hi)
+    vv = TernaryTensor(vq.codes[:, :, :t], vq.scale[:, :, :tg], group, d)
+    assert not hi.codes.is_contiguous()  # really views with the big buffers' strides
+    q = torch.randn(b, hk * 3, 1, d, generator=_gen(2))
+    qt = keys.transform_query(q)
+    got = qd.quant_attention_triton(qt, [hi, lo], vv, 0.4, num_splits=3, block_n=16)
+    _close(got, qd.quant_attention_ref(qt, [hi, lo], vv, 0.4), torch.float32)
+    # and a NaN inside the valid region is not hidden
+    bad = TernaryTensor(vv.codes, vv.scale.clone(), group, d)
+    bad.scale[0, 1, 0, 0] = float("nan")
+    out, _ = qd.quant_attention_triton(qt, [hi, lo], bad, 0.4, num_splits=2, block_n=16)
+    assert torch.isnan(out[0, 3:]).any() and torch.isfinite(out[0, :3]).all()
+
+
+@interp
+def test_vidkv_segment_through_the_layer_with_the_kernel(monkeypatch):
+    """KVLayer.attend over a VidKV layer with the dispatcher forced onto the kernel equals dense
+    attention over the dequantized cache (the residual merged by log-sum-exp)."""
+    cache = CompressedCache(1)
+    g = _gen(3)
+    cache.update(torch.randn(1, 2, 77, 16, generator=g), torch.randn(1, 2, 77, 16, generator=g), 0)
+    VidKV(stp=0, group=8, residual=13).compress(cache, None)
+    layer = cache.layers[0]
+    monkeypatch.setattr(qd, "kernel_available", lambda x: True)
+    q = torch.randn(1, 4, 1, 16, generator=g)
+    got = layer.attend(q, 0.25)
+    k, v = layer.dequantized(torch.float32)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                           scale=0.25)
+    torch.testing.assert_close(got.transpose(1, 2), ref, atol=1e-5, rtol=1e-5)
+    # KIVI segments go through the same kernel via QuantSegment.fused_attention
+    cache = CompressedCache(1)
+    cache.update(torch.randn(1, 2, 77, 16, generator=g), torch.randn(1, 2, 77, 16, generator=g), 0)
+    KIVI(bits=2, group=16, residual=13).compress(cache, None)
+    seg = cache.layers[0].segments[0]
+    got = seg.fused_attention(q, 0.25)
+    assert got is not None
+    _close(got, qd.quant_attention_ref(q, [seg.keys], seg.values, 0.25), torch.float32)
+
+
+def test_cpu_dispatch_uses_the_pytorch_path(monkeypatch):
+    keys, vq = _vidkv_planes(1, 2, 64, 12, 6, 16, "ternary", seed=9)
+    q = torch.randn(1, 4, 1, 12, generator=_gen(4))
+    qt = keys.transform_query(q)
+
+    def boom(*a, **k):
+        raise AssertionError("the kernel must not run on CPU tensors")
+
+    monkeypatch.setattr(qd, "quant_attention_triton", boom)
+    assert not qd.kernel_available(qt)
+    got = qd.quant_attention(qt, keys.planes(), vq, 0.3, block=16)  # 4 blocks merged by lse
+    _close(got, qd.quant_attention_ref(qt, keys.planes(), vq, 0.3), torch.float32)
+    cache = CompressedCache(1)
+    cache.update(torch.randn(1, 2, 60, 8), torch.randn(1, 2, 60, 8), 0)
+    KIVI(bits=2, group=8, residual=8).compress(cache, None)
+    seg = cache.layers[0].segments[0]
+    q8 = torch.randn(1, 4, 3, 8, generator=_gen(5))
+    _close(seg.fused_attention(q8, 0.3), qd.quant_attention_ref(q8, [seg.keys], seg.values, 0.3), torch.float32)
+
+
+@pytest.mark.parametrize("fmt", ["q1c", "q2c", "q4t", "q8t", "sign", "ternary"])
+def test_table_lookup_dequantization_matches_the_formats_own(fmt):
+    """The PyTorch path's block dequantization (byte -> values table) equals each format's own
+    dequantize on every group-aligned slice."""
+    x = torch.randn(2, 3, 48, 10, generator=_gen(len(fmt))) * 3
+    if fmt == "sign":
+        p = sign_quantize(x, 8)
+    elif fmt == "ternary":
+        p = ternary_quantize(x, 8)
+    else:
+        p = quantize(x, int(fmt[1]), 8 if fmt[2] == "c" else 5, "channel" if fmt[2] == "c" else "token")
+    for s, e in [(0, 48), (8, 24), (40, 48), (16, 17) if fmt[-1] == "t" else (16, 40)]:
+        torch.testing.assert_close(qd._dequant_block(p, s, e), p.dequantize(torch.float32, s, e), atol=0, rtol=0)
+
+
+def _aot_compile(fn, constexprs: dict, pointers: dict, arch: int):
+    """Compile a @triton.jit kernel to PTX/cubin for an NVIDIA target without a GPU."""
+    import inspect
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {p: "constexpr" if p in constexprs else pointers.get(p, "i32") for p in inspect.signature(fn.fn).parameters}
+    return qd.triton.compile(ASTSource(fn, sig, constexprs=constexprs), target=GPUTarget("cuda", arch, 32),
+                             options={"num_warps": 4})
+
+
+@pytest.mark.skipif(INTERPRETING, reason="compiles the real kernels, not interpreted ones")
+def test_kernels_compile_for_gpus():
+    """The interpreter does not type-check like the compiler: compile both kernels for sm_80 and
+    sm_90 (ptxas ships with triton; no GPU needed), and check the dots use tensor cores."""
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+    except ImportError:
+        pytest.skip("this triton cannot target CUDA")
+    ptrs = {"Q": "*fp32", "OP": "*fp32", "LP": "*fp32", "K1C": "*u8", "K1S": "*fp16", "K1Z": "*fp16", "K2C": "*u8",
+            "K2S": "*fp16", "VC": "*u8", "VS": "*fp16", "VZ": "*fp16"}
+    vidkv = dict(D1=64, D2=64, DV=128, HAS_K1=True, HAS_K2=True, K1_BITS=2, K1_AXIS=0, V_TERNARY=True, V_BITS=2,
+                 V_AXIS=0, BLOCK_R=16, BLOCK_N=64, BLOCK_D1=64, BLOCK_D2=64, BLOCK_DV=128, DOT_F32=False)
+    kivi = {**vidkv, "D1": 128, "BLOCK_D1": 128, "D2": 0, "HAS_K2": False, "V_TERNARY": False, "V_AXIS": 1}
+    for arch, cx in [(90, vidkv), (80, kivi)]:
+        k = _aot_compile(qd._quant_decode_kernel, cx, ptrs, arch)
+        assert "mma.sync" in k.asm["ptx"] or "wgmma" in k.asm["ptx"]
+    _aot_compile(qd._reduce_kernel, dict(DV=128, BLOCK_S=64, BLOCK_DV=128),
+                 {"OP": "*fp32", "LP": "*fp32", "OUT": "*fp32", "LSE": "*fp32"}, 90)
+
+
+def test_bad_inputs_are_rejected():
+    keys, vq = _vidkv_planes(1, 2, 32, 8, 4, 16, "ternary", seed=1)
+    qt = keys.transform_query(torch.randn(1, 4, 1, 8))
+    with pytest.raises(ValueError, match="query"):
+        qd.quant_attention_triton(qt[..., :7], keys.planes(), vq, 0.3)
+    with pytest.raises(ValueError, match="rows"):
+        qd.quant_attention_triton(keys.transform_query(torch.randn(1, 2 * 65, 1, 8)), keys.planes(), vq, 0.3)
+    with pytest.raises(ValueError, match="planes"):
+        qd.quant_attention_triton(qt, keys.planes()[::-1], vq, 0.3)
