@@ -17,6 +17,7 @@ demo: $(STAMP)
 	$(BIN)/mmkv generate
 
 test: $(STAMP)
+	@sh tools/install_chromium.sh
 	$(BIN)/python -m pytest -q tests
 
 clean:

@@ -1,0 +1,491 @@
+"""The Gradio demo: its logic without a browser, its server through gradio_client, and the page in
+a real browser (Playwright driving Debian's Chromium; `make test` installs chromium when it can).
+
+The browser tests skip only where no chromium is installed (the Makefile's `test` target tries
+`apt-get install -y chromium`; Playwright's own browser download does not work offline)."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import socket
+import threading
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import mmkv  # noqa: E402
+from mmkv.demo.core import (Demo, DemoConfig, UploadDir, check_upload, layers_html, memory_html, overlay,  # noqa: E402
+                            parse_size, recipe_choices, stage_rows, stats_rows, thumbnails, timing_html, tokens_html,
+                            user_message)
+from mmkv.errors import InputError, RecipeError  # noqa: E402
+
+SAMPLE = os.path.join(os.path.dirname(mmkv.__file__), "assets", "sample.mp4")
+FRAMES = 16          # 8 temporal slots of 4x4 tokens with the tiny Qwen2-VL
+MAX_NEW = 8
+
+
+# ----------------------------------------------------------------------------- bad files
+def _write_video(path, n, codec="libx264", side=64):
+    import av
+
+    with av.open(path, "w") as c:
+        s = c.add_stream(codec, rate=2)
+        s.width = s.height = side
+        s.pix_fmt = "yuv420p"
+        c.start_encoding()  # write the header even when no frame follows
+        for i in range(n):
+            frame = np.full((side, side, 3), 20 * i % 255, np.uint8)
+            for p in s.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                c.mux(p)
+        for p in s.encode(None):
+            c.mux(p)
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("demo_files")
+    garbage = d / "garbage.mp4"
+    garbage.write_bytes(b"this is not a video\n" * 64)
+    empty = d / "empty.mp4"
+    empty.write_bytes(b"")
+    text = d / "notes.txt"
+    text.write_text("a text file, not a video\n")
+    big = d / "big.mp4"
+    big.write_bytes(b"\0" * 6_000_000)  # over the 5 MB limit of the test server
+    image = d / "photo.png"
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(image)
+    return {"garbage": str(garbage), "empty": str(empty), "image": str(image), "big": str(big),
+            "text": str(text),
+            "zero": _write_video(str(d / "zero.mp4"), 0), "long": _write_video(str(d / "long.mp4"), 40)}
+
+
+# ----------------------------------------------------------------------------- settings and recipes
+def test_parse_size():
+    assert parse_size("20gb") == 20 * 1000**3
+    assert parse_size("1.5 MB") == 1_500_000
+    assert parse_size("2GiB") == 2 * 2**30
+    assert parse_size(1234) == 1234
+    assert parse_size("none") is None and parse_size(None) is None
+    for bad in ("lots", "5 parsecs", "-3mb"):
+        with pytest.raises(InputError):
+            parse_size(bad)
+
+
+def test_config_rejects_nonsense():
+    assert DemoConfig().max_upload_bytes == 20 * 1000**3  # large by default
+    with pytest.raises(InputError, match="max_frames"):
+        DemoConfig(max_frames=0)
+    with pytest.raises(InputError, match="exceed"):
+        DemoConfig(frames=64, max_frames=32)
+    with pytest.raises(InputError, match="max_duration"):
+        DemoConfig(max_duration=-1)
+
+
+def test_cli_options_make_the_config():
+    from mmkv.cli import build_parser
+    from mmkv.demo_cli import config_from_args
+
+    args = build_parser().parse_args(["demo", "--model", "mmkv-tiny", "--model", "/models/other", "--max-upload",
+                                      "1gb", "--max-duration", "0", "--frames", "8", "--concurrency", "2"])
+    c = config_from_args(args)
+    assert c.models == ["mmkv-tiny", "/models/other"] and c.max_upload_bytes == 10**9
+    assert c.max_duration is None and c.frames == 8 and c.concurrency == 2 and not c.allow_custom_model
+    assert config_from_args(build_parser().parse_args(["demo"])).models == ["mmkv-tiny"]
+
+
+def test_recipe_choices_follow_the_registry(monkeypatch):
+    from mmkv.recipe import PRESET_DOCS, PRESETS, available
+
+    choices = recipe_choices()
+    assert choices[0] == "none" and set(choices) == set(PRESETS)
+    # a method registered later (another engineer's preset) shows up without editing the demo
+    monkeypatch.setitem(PRESETS, "zz-demo-test", "streaming:recent=8")
+    monkeypatch.setitem(PRESET_DOCS, "zz-demo-test", "a preset added at run time")
+    assert "zz-demo-test" in recipe_choices()
+    assert {(k, n) for k, n, _ in stage_rows()} == {(k, n) for k, items in available().items() for n, _ in items}
+    from mmkv.demo.app import _recipes_markdown
+
+    md = _recipes_markdown()
+    assert "`zz-demo-test`" in md and all(f"`{n}`" in md for _, n, _ in stage_rows())
+
+
+# ----------------------------------------------------------------------------- uploads
+def test_check_upload_accepts_the_sample():
+    info = check_upload(SAMPLE, DemoConfig())
+    assert (info.frames, info.fps, info.duration) == (128, 2.0, 64.0)
+    assert info.size == os.path.getsize(SAMPLE) and info.name == "sample.mp4"
+    assert "1:04" in info.describe() and "128 frames" in info.describe()
+
+
+@pytest.mark.parametrize("kind,pattern", [("garbage", "not a readable video"), ("empty", "empty"),
+                                          ("image", "is an image"), ("zero", "zero video frames|no video stream")])
+def test_check_upload_rejects_bad_files(files, kind, pattern):
+    path = files[kind]
+    with pytest.raises(InputError, match=pattern) as e:
+        check_upload(path, DemoConfig())
+    msg = str(e.value)
+    assert os.path.basename(path) in msg and os.path.dirname(path) not in msg  # the user's name, not the server path
+
+
+def test_check_upload_limits(files):
+    with pytest.raises(InputError, match="over this demo's upload limit"):
+        check_upload(SAMPLE, DemoConfig(max_upload="100kb"))
+    with pytest.raises(InputError, match="lasts 0:20, over this demo's limit of 0:10"):
+        check_upload(files["long"], DemoConfig(max_duration=10))
+    assert check_upload(files["long"], DemoConfig(max_duration=30)).frames == 40
+    with pytest.raises(InputError, match="no video"):
+        check_upload(None, DemoConfig())
+    with pytest.raises(InputError, match="lost"):
+        check_upload("/nonexistent/clip.mp4", DemoConfig())
+
+
+def test_upload_dir_sweeps_and_removes(tmp_path):
+    up = UploadDir()
+    try:
+        old, new = os.path.join(up.path, "a", "old.mp4"), os.path.join(up.path, "b", "new.mp4")
+        for p in (old, new):
+            os.makedirs(os.path.dirname(p))
+            open(p, "wb").write(b"x")
+        os.utime(old, (1, 1))
+        assert up.contains(new) and not up.contains(str(tmp_path))
+        assert up.sweep(3600) == 1
+        assert not os.path.exists(old) and not os.path.exists(os.path.dirname(old)) and os.path.exists(new)
+        up.discard(new)
+        assert os.listdir(up.path) == []
+        outside = tmp_path / "keep.mp4"
+        outside.write_bytes(b"x")
+        with pytest.raises(ValueError, match="not inside"):
+            up.discard(str(outside))
+        assert outside.exists()
+    finally:
+        up.remove()
+    assert not os.path.exists(up.path)
+
+
+def test_user_message_hides_server_paths():
+    e = InputError("'/tmp/gradio/abc123/clip.mp4' is not a readable video")
+    assert user_message(e, {"/tmp/gradio/abc123/clip.mp4": "clip.mp4"}) == "'clip.mp4' is not a readable video"
+    assert "internal error (KeyError" in user_message(KeyError("x"))
+
+
+# ----------------------------------------------------------------------------- encode once, ask many
+@pytest.fixture(scope="module")
+def demo():
+    return Demo(DemoConfig(frames=FRAMES, max_new_tokens=64, max_encodings=2))
+
+
+def test_encode_once_ask_many_streams_the_answer(demo):
+    calls = []
+    eid, enc = demo.encode(SAMPLE, "mmkv-tiny", "none", frames=FRAMES, progress=lambda f, d: calls.append((f, d)))
+    assert enc.media.num_frames == FRAMES and enc.visual.grid == (FRAMES // 2, 4, 4)
+    assert any("decoding + encoding frames" in d for _, d in calls) and calls[-1][0] == 1.0
+    got, pipe = demo.encoding(eid)
+    assert got is enc
+    answers = []
+    for q in ("What color is the shape?", "What happens?"):
+        deltas, result = [], None
+        for kind, value in demo.ask_stream(enc, pipe, q, max_new_tokens=MAX_NEW):
+            if kind == "text":
+                deltas.append(value)
+            else:
+                result = value
+        assert result is not None and result.stats.new_tokens >= 1
+        assert "".join(deltas).strip() == result.text          # the streamed text is the answer
+        # the same answer as a one-shot generate with the same settings (the demo passes frames through)
+        ref = mmkv.load("mmkv-tiny").generate(SAMPLE, q, frames=FRAMES, max_new_tokens=MAX_NEW)
+        assert result.tokens == ref.tokens
+        answers.append(result)
+    assert answers[0].stats.kv_bytes > 0 and answers[0].stats.kv_len_per_layer
+    with pytest.raises(InputError, match="empty"):
+        next(demo.ask_stream(enc, pipe, "   "))
+    with pytest.raises(InputError, match="max new tokens"):
+        next(demo.ask_stream(enc, pipe, "q", max_new_tokens=10_000))
+
+
+def test_closing_the_stream_stops_generation(demo):
+    eid, enc = demo.encode(SAMPLE, "mmkv-tiny", "none", frames=4)
+    enc, pipe = demo.encoding(eid)
+    gen = demo.ask_stream(enc, pipe, "What happens?", max_new_tokens=64)
+    kind, _ = next(gen)
+    assert kind == "text"
+    gen.close()  # the browser went away mid-answer
+    assert not any(t.name == "mmkv-demo-ask" and t.is_alive() for t in threading.enumerate())
+    kinds = [k for k, _ in demo.ask_stream(enc, pipe, "Again?", max_new_tokens=4)]
+    assert kinds[-1] == "result"
+
+
+def test_encodings_are_bounded_and_keyed(demo):
+    ids = [demo.encode(SAMPLE, "mmkv-tiny", "none", frames=n)[0] for n in (2, 4, 6)]
+    assert demo.encoding(ids[0]) is None                    # max_encodings=2: the oldest was dropped
+    assert demo.encoding(ids[2]) is not None
+    key = demo.settings_key(SAMPLE, "mmkv-tiny", "none", 6, None)
+    assert demo.encoding(ids[2], key) is not None
+    assert demo.encoding(ids[2], demo.settings_key(SAMPLE, "mmkv-tiny", "none", 8, None)) is None
+    demo.drop(ids[2])
+    assert demo.encoding(ids[2]) is None
+
+
+def test_bad_settings_fail_before_loading(demo, files):
+    with pytest.raises(InputError, match="not offered"):
+        demo.encode(SAMPLE, "some/other-model", "none", frames=4)
+    with pytest.raises(RecipeError):
+        demo.encode(SAMPLE, "mmkv-tiny", "no-such-method:3", frames=4)
+    with pytest.raises(InputError, match="frames must be between 1 and 512"):
+        demo.encode(SAMPLE, "mmkv-tiny", "none", frames=0)
+    with pytest.raises(InputError, match="garbage.mp4"):
+        demo.encode(files["garbage"], "mmkv-tiny", "none", frames=4)
+
+
+def test_recipes_share_the_loaded_model(demo):
+    a = demo.pipeline("mmkv-tiny", "none")
+    b = demo.pipeline("mmkv-tiny", "streaming:sink=2,recent=16")
+    assert a.adapter is b.adapter and a is not b
+    assert demo.pipeline("mmkv-tiny", "streaming:sink=2,recent=16") is b
+
+
+# ----------------------------------------------------------------------------- pictures
+def test_overlay_dims_dropped_cells_only():
+    frame = np.full((60, 90, 3), 200, np.uint8)
+    img = np.asarray(overlay(frame, (2, 3), [(0, 0), (1, 2)], width=90))
+    assert img.shape == (60, 90, 3)
+    cell = lambda r, c: img[r * 30 + 15, c * 30 + 15]  # noqa: E731 - centre pixel of a cell
+    np.testing.assert_array_equal(cell(0, 0), [200, 200, 200])
+    np.testing.assert_array_equal(cell(1, 2), [200, 200, 200])
+    for r, c in [(0, 1), (0, 2), (1, 0), (1, 1)]:
+        assert cell(r, c)[1] < 80 and cell(r, c)[0] > cell(r, c)[1]  # darkened, red tint
+
+
+def test_thumbnails_show_kept_tokens_per_frame(demo):
+    import torch
+
+    eid, enc = demo.encode(SAMPLE, "mmkv-tiny", "none", frames=FRAMES)
+    vt = enc.visual
+    keep = torch.zeros(vt.num, dtype=torch.bool)
+    keep[::3] = True                                        # as if a vision press kept every third token
+    pruned = dataclasses.replace(enc, visual=vt.subset(keep))
+    thumbs = thumbnails(pruned, n=20, width=64)
+    counts = pruned.visual.per_slot_counts().tolist()
+    assert len(thumbs) == vt.grid[0] == len(counts)
+    for (img, caption), c in zip(thumbs, counts):
+        assert img.size[0] == 64 and caption.endswith(f"kept {c}/16")
+    # slot 1 holds sampled frames 2-3 (temporal patch of 2): its thumbnail is sampled frame 2
+    assert thumbs[1][1].startswith(f"t={enc.media.timestamps[2]:.1f}s")
+    full = thumbnails(enc, n=20, width=64)
+    frame2 = enc.media.frames()[2]
+    all_cells = [(r, c) for r in range(4) for c in range(4)]
+    np.testing.assert_array_equal(np.asarray(full[1][0]), np.asarray(overlay(frame2, (4, 4), all_cells, width=64)))
+    assert len(thumbnails(enc, n=3)) == 3
+
+
+def test_stats_pictures(demo):
+    eid, enc = demo.encode(SAMPLE, "mmkv-tiny", "none", frames=4)
+    enc, pipe = demo.encoding(eid)
+    res = [v for k, v in demo.ask_stream(enc, pipe, "What?", max_new_tokens=3) if k == "result"][0]
+    s = res.stats
+    mem = memory_html(s)
+    assert "full (fp16)" in mem and "stored" in mem and f"{s.kv_bytes_fp16 / 1024:.2f} KiB" in mem
+    t = timing_html(s, enc.stats.encode_s)
+    assert all(w in t for w in ("encode (once)", "prefill", "decode", f"{s.decode_s:.3f} s"))
+    assert "1 in every one of the 2 layers" in layers_html(s)
+    # a method's per-layer ratios in stats.extra get their own bars
+    s2 = dataclasses.replace(s, extra={"layer_ratio": [0.5, 0.25]}, kv_len_per_layer=[10, 5])
+    lh = layers_html(s2)
+    assert "layer_ratio" in lh and "layer 1" in lh and "width:50.00%" in lh
+    assert "encoder" in tokens_html(s, enc)
+    rows = stats_rows(s)
+    assert ["recipe", "none"] in rows and any(r[0] == "KV entries per layer" for r in rows)
+    assert "<script" not in layers_html(dataclasses.replace(s, extra={"<script>": [1.0, 2.0]}))
+
+
+# ----------------------------------------------------------------------------- the server
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _CountingDemo(Demo):
+    """A Demo that records how many model calls (encode, ask) ran at the same time."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.active, self.most, self._count_lock = 0, 0, threading.Lock()
+
+    def _enter(self):
+        with self._count_lock:
+            self.active += 1
+            self.most = max(self.most, self.active)
+
+    def _exit(self):
+        with self._count_lock:
+            self.active -= 1
+
+    def encode(self, *a, **kw):
+        self._enter()
+        try:
+            return super().encode(*a, **kw)
+        finally:
+            self._exit()
+
+    def ask_stream(self, *a, **kw):
+        self._enter()
+        try:
+            yield from super().ask_stream(*a, **kw)
+        finally:
+            self._exit()
+
+
+@pytest.fixture(scope="module")
+def server():
+    pytest.importorskip("gradio")
+    from mmkv.demo.app import close, launch
+
+    config = DemoConfig(frames=FRAMES, max_new_tokens=MAX_NEW, max_upload="5mb")
+    app = launch(config, port=_free_port(), block=False, quiet=True, demo=_CountingDemo(config))
+    yield app
+    close(app)
+    assert not os.path.exists(app.mmkv_uploads.path)  # uploads are deleted with the app
+
+
+def _uploads(app) -> list[str]:
+    return [os.path.join(r, f) for r, _, fs in os.walk(app.mmkv_uploads.path) for f in fs]
+
+
+def _text(content) -> str:
+    """A chat message's text (gradio 6 returns a list of {"type": "text", "text": ...} parts)."""
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return str(content)
+
+
+def test_server_queue_serves_concurrent_users(server):
+    """Two users at once through the HTTP API: each uploads, asks, and gets its own answer."""
+    from gradio_client import Client, handle_file
+
+    out, errors = {}, []
+
+    def user(i):
+        try:
+            c = Client(server.local_url, verbose=False)
+            c.predict(handle_file(SAMPLE), api_name="/on_upload")
+            job = c.submit(f"question {i}?", api_name="/do_ask")
+            job.result(timeout=120)
+            out[i] = job.outputs()[-1]
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=user, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert not errors, errors
+    for i in range(2):
+        chat = out[i][0]
+        assert _text(chat[0]["content"]) == f"question {i}?" and chat[1]["role"] == "assistant"
+        assert _text(chat[1]["content"]).strip()
+        assert "Answered" in out[i][1]
+    assert server.mmkv_demo.most == 1           # the queue ran the model calls one at a time (concurrency=1)
+    assert all(server.mmkv_uploads.contains(p) for p in _uploads(server))
+
+
+# ----------------------------------------------------------------------------- the page, in Chromium
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    exe = next((p for p in ("/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser")) if p
+                and os.path.exists(p)), None)
+    if exe is None:
+        pytest.skip("chromium is not installed and could not be installed here (`make test` runs "
+                    "`apt-get install -y chromium` when it can; Playwright's own browser download needs network)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=exe, headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def _upload(page, path):
+    clear = page.locator("#mmkv-video button[aria-label='Clear']")
+    if clear.count():
+        # a dispatched click: with a video the browser cannot play (the sample is MPEG-4 part 2),
+        # Gradio's player controls overlap the toolbar and would take a pointer click
+        clear.last.dispatch_event("click")  # (the first may be the status tracker's own "Clear")
+    page.locator("#mmkv-video input[type=file]").set_input_files(path)
+
+
+@pytest.mark.browser
+def test_browser_upload_ask_bad_upload_ask_again(server, browser, files):
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=60_000)   # generous: the CI machine is small and shared
+    page = browser.new_page(viewport={"width": 1400, "height": 1600})
+    page.set_default_timeout(60_000)
+    page.goto(server.local_url)
+    status = page.locator("#mmkv-status")
+    expect(status).to_contain_text("Upload a video to start")
+    # the recipe choices are the registered presets
+    page.locator("#mmkv-recipe input").click()
+    for name in recipe_choices():
+        expect(page.get_by_role("option", name=name, exact=True)).to_be_visible()
+    page.keyboard.press("Escape")
+
+    # 1. upload the bundled sample, ask, see the streamed answer and the stats
+    _upload(page, SAMPLE)
+    expect(status).to_contain_text("Ready: sample.mp4: 1:04 (128 frames at 2 fps)")
+    uploaded = [p for p in _uploads(server) if p.endswith("sample.mp4")]
+    assert uploaded and all(server.mmkv_uploads.contains(p) for p in uploaded)   # only in the upload folder
+    q1 = "What color is the shape that appears?"
+    page.locator("#mmkv-question textarea").fill(q1)
+    page.locator("#mmkv-ask").click()
+    expect(status).to_contain_text("Answered about sample.mp4", timeout=120_000)
+    bot = page.locator("#mmkv-chat .message.bot")
+    expect(page.locator("#mmkv-chat .message.user")).to_have_count(1)
+    expect(page.locator("#mmkv-chat .message.user").first).to_contain_text(q1)
+    expect(bot).to_have_count(1)
+    assert bot.first.inner_text().strip()                                         # a non-empty answer
+    expect(page.locator("#mmkv-memory")).to_contain_text("full (fp16)")
+    expect(page.locator("#mmkv-memory")).to_contain_text("KiB")
+    expect(page.locator("#mmkv-time")).to_contain_text("decode")
+    expect(page.locator("#mmkv-layers")).to_contain_text("2 layers")
+    expect(page.locator("#mmkv-tokens")).to_contain_text("encoder")
+    expect(page.locator("#mmkv-thumbs img")).to_have_count(FRAMES // 2)           # one overlay per temporal slot
+    expect(page.locator("#mmkv-thumbs")).to_contain_text("kept 16/16")
+
+    # 2. bad uploads: a clear error in the page, the app keeps running
+    for kind, text in (("garbage", "is not a readable video"), ("zero", "zero.mp4")):
+        _upload(page, files[kind])
+        expect(status).to_contain_text("Error: upload rejected")
+        expect(status).to_contain_text(text)
+        assert server.mmkv_uploads.path not in status.inner_text()               # no server paths shown
+        assert not any(p.endswith(os.path.basename(files[kind])) for p in _uploads(server))  # deleted at once
+        expect(status).to_contain_text("Still using 'sample.mp4'")
+    # over the upload limit: refused by the page before anything is stored
+    _upload(page, files["big"])
+    expect(page.locator(".toast-body").filter(has_text="exceed the maximum allowed size")).to_be_visible()
+    assert not any(p.endswith("big.mp4") for p in _uploads(server))
+    # not a video by its type: refused by the page too
+    _upload(page, files["text"])
+    expect(page.locator(".toast-body").filter(has_text="notes.txt")).to_be_visible()
+    assert not any(p.endswith("notes.txt") for p in _uploads(server))
+
+    # 3. a second question still works, on the same encoding (encode once, ask many)
+    n_enc = len(server.mmkv_demo._encodings)
+    q2 = "What happens at the end?"
+    page.locator("#mmkv-question textarea").fill(q2)
+    page.locator("#mmkv-question textarea").press("Enter")
+    expect(bot).to_have_count(2, timeout=120_000)
+    expect(status).to_contain_text("Answered about sample.mp4")
+    expect(page.locator("#mmkv-chat .message.user").nth(1)).to_contain_text(q2)
+    assert bot.nth(1).inner_text().strip()
+    assert len(server.mmkv_demo._encodings) == n_enc                              # not encoded again
+    page.close()
