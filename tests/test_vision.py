@@ -101,6 +101,23 @@ def test_pvc_budgets_are_respected():
     assert out.per_slot_counts().tolist() == [20] + [5] * 6
 
 
+def test_pvc_ratio_caps_every_slot_by_its_size():
+    torch.manual_seed(3)
+    vt = video_tokens(torch.randn(6, 6, 5, 8))                       # 30 tokens per slot, all new
+    out = run_stream(PVC(ratio=0.25), vt, chunk_slots=4)
+    assert out.per_slot_counts().tolist() == [8] * 6                 # ceil(0.25 * 30), first slot too
+    assert out.per_slot_counts().sum() <= 0.27 * vt.num
+    out = run_stream(PVC(ratio=0.2, first=30), vt, chunk_slots=6)    # `first` still sets the first slot
+    assert out.per_slot_counts().tolist() == [30] + [6] * 5
+    static = video_tokens(torch.randn(1, 6, 5, 8).expand(6, -1, -1, -1))
+    counts = run_stream(PVC(ratio=0.25, first=30), static, chunk_slots=3).per_slot_counts().tolist()
+    assert counts == [30, 0, 0, 0, 0, 0]                             # static content still costs nothing
+    counts = run_stream(PVC(ratio=0.25), static, chunk_slots=3).per_slot_counts().tolist()
+    assert all(c <= 8 for c in counts) and counts[-1] == 0            # capped, and done once all is seen
+    with pytest.raises(RecipeError, match="ratio"):
+        Recipe.parse("pvc:ratio=1.5")
+
+
 def test_pvc_threshold_and_min_keep():
     torch.manual_seed(3)
     base = torch.randn(1, 3, 3, 32)

@@ -28,6 +28,9 @@ Algorithm (per temporal slot t, in order; a slot is one frame, or Qwen's pair of
 
 Defaults: budget=64 tokens per slot (the paper's 64 per frame); first=4*budget (PVC spends 4 x 64
 tokens on a static image: the first slot of a video is the picture before anything changes);
+ratio=None (set, e.g. `pvc:ratio=0.25`, the cap is ceil(ratio x the slot's tokens) for every slot,
+the first included unless `first` is given: a budget that means the same on every model, which
+the presets use);
 threshold=0.1 (cosine similarity 0.9: a choice, the paper has no threshold; tune it per model,
 see docs/vision.md); min_keep=0; merge=True. Images are one frame: left untouched unless
 `images=True`, which compresses each view of the image on its own as a first slot.
@@ -38,6 +41,7 @@ upper bound reached only when that many tokens are new (PVC always emits exactly
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
@@ -106,6 +110,7 @@ class PVC(VisionPress):
 
     budget: int = 64
     first: int | None = None
+    ratio: float | None = None
     threshold: float = 0.1
     min_keep: int = 0
     merge: bool = True
@@ -118,6 +123,8 @@ class PVC(VisionPress):
               f"pvc: first (tokens of the first frame) must be an integer >= 1 or none, got {self.first!r}")
         check(0.0 <= self.threshold < 2.0,
               f"pvc: threshold is a cosine distance and must be in [0, 2), got {self.threshold}")
+        check(self.ratio is None or 0.0 < self.ratio <= 1.0,
+              f"pvc: ratio (fraction of each slot's tokens kept at most) must be in (0, 1], got {self.ratio!r}")
         check(isinstance(self.min_keep, int) and 0 <= self.min_keep <= self.budget,
               f"pvc: min_keep must be an integer in [0, budget={self.budget}], got {self.min_keep!r}")
 
@@ -184,7 +191,10 @@ class PVC(VisionPress):
         distinct = 1.0 - xn @ F.normalize(x.mean(0), dim=0)
         order = torch.sort(distinct, descending=True, stable=True).indices
         order = order[torch.sort(nov[order], descending=True, stable=True).indices]
-        cap = self.first_budget if first else self.budget
+        if self.ratio is not None:  # a model-independent cap: a fraction of the slot's tokens
+            cap = self.first if first and self.first is not None else math.ceil(self.ratio * len(rows) - 1e-9)
+        else:
+            cap = self.first_budget if first else self.budget
         n_new = int((nov > self.threshold).sum())
         k = min(len(order), max(min(cap, n_new), self.min_keep))
         keep, drop = order[:k].sort().values, order[k:]
