@@ -106,6 +106,14 @@ class Pipeline:
         self.model_name = model_name or getattr(adapter, "path", "")
         self._split_stages()
 
+    def with_recipe(self, recipe) -> "Pipeline":
+        """A Pipeline over the same loaded model with another recipe (a preset name, a recipe
+        string or a Recipe); nothing is reloaded. Its encoded videos are its own."""
+        r = recipe if isinstance(recipe, Recipe) else Recipe.parse(recipe)
+        return Pipeline(self.adapter, r, self.base_attn, chunk_frames=self.chunk_frames,
+                        prefill_chunk=self.prefill_chunk, system=self.system, model_name=self.model_name,
+                        compress_at=self.compress_at)
+
     # ------------------------------------------------------------------ recipe layout
     def _split_stages(self) -> None:
         r = self.recipe

@@ -42,6 +42,19 @@ def test_compress_at_encode_shrinks_the_encoding(tiny_dir):
     assert a.tokens == b.tokens and len(a.tokens) > 0
 
 
+def test_with_recipe_shares_the_model(tiny_dir):
+    fam = "qwen2_vl"
+    video = frames_for(fam, n=8, seed=23)
+    base = mmkv.load(tiny_dir[fam])
+    pipe = base.with_recipe("kivi:bits=2,group=8,residual=8")
+    assert pipe.adapter is base.adapter and str(base.recipe) == "none"
+    fresh = mmkv.load(tiny_dir[fam], recipe="kivi:bits=2,group=8,residual=8")
+    a, b = pipe.generate(video, QS[0], max_new_tokens=6), fresh.generate(video, QS[0], max_new_tokens=6)
+    assert a.tokens == b.tokens and a.stats.kv_bytes == b.stats.kv_bytes < base.generate(video, QS[0]).stats.kv_bytes
+    with pytest.raises(RecipeError):
+        base.with_recipe("kivi:bits=9")
+
+
 def test_result_and_stats_are_measured(pipes):
     pipe = pipes["qwen2_vl"]
     res = pipe.generate(frames_for("qwen2_vl", n=6), QS[0], max_new_tokens=5)

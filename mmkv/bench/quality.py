@@ -6,7 +6,7 @@ and prefill / decode time, all measured on the same run.
 
     mmkv bench quality                          # bundled model, 256-frame held-out set
     mmkv bench quality --frames 512 --n 50      # generalisation to longer videos
-    mmkv bench quality --recipes none,kivi:2    # a subset
+    mmkv bench quality --recipes 'none;kivi:2'  # a subset (';' between recipes)
 
 Adding a recipe to the table is one line in RECIPES.
 """
@@ -15,48 +15,63 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import time
 
 # (recipe string, label). Add a line to put a method in the table.
 RECIPES: list[tuple[str, str]] = [
     ("none", "uncompressed"),
-    ("kivi:4", "KIVI 4-bit"),
-    ("kivi:2", "KIVI 2-bit"),
-    ("streaming:recent=512", "StreamingLLM 4+512"),
-    ("streaming:recent=128", "StreamingLLM 4+128"),
+    # presets
+    ("fast", "preset"),
+    ("balanced", "preset"),
+    ("extreme", "preset"),
+    # visual tokens: equal budgets, then each method's curve against the kept ratio
     ("pvc", "PVC training-free, default (<= 64 tokens/slot, novelty > 0.1)"),
-    ("pvc:2", "PVC <= 2 tokens/slot (50% of 4)"),
-    ("pvc:1", "PVC <= 1 token/slot (25% of 4)"),
+    ("pvc:ratio=0.5", "PVC <= 50% per slot"),
+    ("pvc:ratio=0.25", "PVC <= 25% per slot"),
+    ("pvc:ratio=0.25,merge=false", "PVC <= 25% per slot, no merging"),
+    ("pvc:ratio=0.125", "PVC <= 12.5% per slot"),
     ("evs:0.5", "EVS (vLLM) 50%"),
     ("evs:0.25", "EVS (vLLM) 25%"),
+    ("evs:0.125", "EVS (vLLM) 12.5%"),
     ("pool", "2x2 spatial pooling (25%)"),
+    ("random:0.5", "random keep 50%"),
     ("random:0.25", "random keep 25%"),
-    ("lookm", "LOOK-M pivotal 10%+10%"),
-    ("lookm:averaged", "LOOK-M averaged 10%+10%"),
-    ("lookm:weighted", "LOOK-M weighted 10%+10%"),
-    ("elastic", "Elastic Cache 20% evicted"),
-    ("lookm+kivi:2", "LOOK-M + KIVI 2-bit"),
-    ("elastic+kivi:2", "Elastic Cache + KIVI 2-bit"),
+    ("random:0.125", "random keep 12.5%"),
+    # prefill
     ("zipvl", "ZipVL v1: adaptive sparse prefill + 4/2-bit KV"),
     ("zipvl:kv=evict", "ZipVL v2: adaptive sparse prefill + eviction"),
     ("zipvl:kv=none", "ZipVL sparse prefill only"),
-    ("zipvl:ratio=0.4", "ZipVL fixed 40% ratio (ablation)"),
-    ("vidkv", "VidKV 1.5/1.58 + STP 20% (1.66)"),
+    ("zipvl:kv=none,ratio=0.4", "ZipVL fixed 40% ratio (ablation)"),
+    ("zipvl:kv=none,ratio=0.1", "ZipVL fixed 10% ratio (ablation)"),
+    # KV eviction / merging, against the entries kept
+    ("streaming:recent=256", "StreamingLLM 4+256"),
+    ("streaming:recent=64", "StreamingLLM 4+64"),
+    ("lookm:hh_ratio=0.25,recent_ratio=0.25", "LOOK-M pivotal 25%+25%"),
+    ("lookm", "LOOK-M pivotal 10%+10%"),
+    ("lookm:hh_ratio=0.05,recent_ratio=0.05", "LOOK-M pivotal 5%+5%"),
+    ("lookm:averaged", "LOOK-M averaged 10%+10%"),
+    ("lookm:weighted", "LOOK-M weighted 10%+10%"),
+    ("lookm:none", "LOOK-M 10%+10%, no merging"),
+    ("elastic", "Elastic Cache 20% evicted"),
+    ("elastic:0.5", "Elastic Cache 50% evicted"),
+    ("elastic:0.8", "Elastic Cache 80% evicted"),
+    # KV quantization, against the bits per element
+    ("kivi:4", "KIVI 4-bit"),
+    ("kivi:2", "KIVI 2-bit"),
+    ("vidkv", "VidKV 1.5/1.58 + STP 20%"),
     ("vidkv:stp=0", "VidKV 1.5/1.58, no STP"),
     ("vidkv:value_bits=2", "VidKV 1.5/2"),
     ("vidkv:1.25", "VidKV 1.25/1.58 + STP 20%"),
+    ("vidkv:group=64", "VidKV 1.5/1.58 + STP 20%, groups of 64"),
     ("vidkv:channels=head", "VidKV 1.5/1.58 + STP, per-head channels"),
-    ("lookm+vidkv", "LOOK-M + VidKV 1.5/1.58"),
+    # compositions
+    ("lookm+kivi:2", "LOOK-M + KIVI 2-bit"),
+    ("elastic+kivi:2", "Elastic Cache + KIVI 2-bit"),
+    ("lookm+vidkv", "LOOK-M + VidKV"),
+    ("pvc:ratio=0.25+vidkv", "PVC 25% + VidKV"),
 ]
 
 HELD_OUT_SEED = 1_000_000  # training uses seeds below this
-
-
-def extract_letter(text: str) -> str:
-    """The chosen option letter: the first standalone A-D, else ''."""
-    m = re.search(r"\b([ABCD])\b", text.upper())
-    return m.group(1) if m else ""
 
 
 def dataset(data_dir: str, n: int, frames: int, seed: int) -> list[dict]:
@@ -74,11 +89,13 @@ def dataset(data_dir: str, n: int, frames: int, seed: int) -> list[dict]:
 
 def run(model: str, recipes: list[tuple[str, str]], rows: list[dict], data_dir: str, progress=True) -> list[dict]:
     import mmkv
+    from ..evaluation.answers import extract
     from ..evaluation.prompts import videomme_prompt
 
     out = []
+    base = mmkv.load(model)  # loaded once; every recipe shares it
     for spec, label in recipes:
-        pipe = mmkv.load(model, recipe=spec)
+        pipe = base.with_recipe(spec)
         correct, kept, total_vis, kv, kv16, pre, dec, extra = 0, 0, 0, 0, 0, 0.0, 0.0, {}
         by_task: dict[str, list[int]] = {}
         t0 = time.perf_counter()
@@ -86,7 +103,7 @@ def run(model: str, recipes: list[tuple[str, str]], rows: list[dict], data_dir: 
             video = os.path.join(data_dir, f"{row['videoID']}.mp4")
             res = pipe.generate(video, videomme_prompt(row["question"], row["options"]), frames=row["num_frames"],
                                 max_new_tokens=4)
-            ok = int(extract_letter(res.text) == row["answer"])
+            ok = int(extract(res.text) == row["answer"])
             correct += ok
             by_task.setdefault(row["task_type"], []).append(ok)
             s = res.stats
@@ -128,7 +145,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=int, default=256, help="frames per held-out video")
     p.add_argument("--n", type=int, default=100, help="held-out videos")
     p.add_argument("--seed", type=int, default=HELD_OUT_SEED)
-    p.add_argument("--recipes", default=None, help="comma-separated recipes (default: the built-in list)")
+    p.add_argument("--recipes", default=None,
+                   help="recipes separated by ';' (default: the built-in list), e.g. 'none;kivi:2;lookm+vidkv'")
     p.add_argument("--data-dir", default=None, help="where the held-out mp4s are cached")
     p.add_argument("--json", default=None, help="also write the results here")
 
@@ -138,7 +156,7 @@ def main(args) -> int:
 
     data_dir = args.data_dir or os.path.join(CACHE_DIR, f"needle_heldout_{args.frames}_{args.seed}")
     rows = dataset(data_dir, args.n, args.frames, args.seed)
-    recipes = RECIPES if not args.recipes else [(r.strip(), r.strip()) for r in args.recipes.split(",")]
+    recipes = RECIPES if not args.recipes else [(r.strip(), r.strip()) for r in args.recipes.split(";") if r.strip()]
     print(f"model {args.model}; {len(rows)} held-out videos of {args.frames} frames (seed {args.seed}); data {data_dir}")
     results = run(args.model, recipes, rows, data_dir)
     print(table(results))
