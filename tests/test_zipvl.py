@@ -78,7 +78,7 @@ def test_attend_selects_like_the_paper_and_zeroes_unimportant_rows(tau):
     rows outside T get 0 (no token mixing), rows in T equal attention restricted to T."""
     q, k, v = qkv(seed=2)
     r = 6
-    policy = ZipVL(tau=tau, probes_recent=r, probes_random=0, dense_layers=0, kv="none")
+    policy = ZipVL(tau=tau, probes_recent=r, probes_random=0, dense_layers=0, kv="none", rows="zero")
     pctx = PressContext(token_type=torch.zeros(47, dtype=torch.int8))
     out, _ = run_attend(policy, q, k, v, pctx=pctx)
     received, nnz = probe_reference(q, k, list(range(47 - r, 47)), 16 ** -0.5)
@@ -225,7 +225,7 @@ def test_pipeline_tau_one_equals_plain_model(tiny_dir, video):
 
 
 def test_pipeline_sparse_stats_budgets_and_bytes(tiny_dir, video):
-    pipe = mmkv.load(tiny_dir[FAM], recipe=f"zipvl:tau=0.8,dense_layers=1,{SMALL}")
+    pipe = mmkv.load(tiny_dir[FAM], recipe=f"zipvl:tau=0.8,dense_layers=1,rows=zero,{SMALL}")
     r = pipe.generate(video, "What is happening?", max_new_tokens=1)
     s, n = r.stats.extra, r.stats.prompt_tokens
     assert len(s["zipvl_ratio_per_layer"]) == 2 and s["zipvl_ratio_per_layer"][0] == 1.0
