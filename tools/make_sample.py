@@ -1,6 +1,6 @@
 """Write the bundled sample video and its question: mmkv/assets/sample.mp4 + sample.json.
 
-A 128-frame (64 s at 2 fps) synthetic needle video from `mmkv.synthetic`, seed 7, colour question.
+A 256-frame (128 s at 2 fps) synthetic needle video from `mmkv.synthetic`, seed 7, colour question.
 Run: python tools/make_sample.py
 """
 import json
@@ -11,7 +11,7 @@ from mmkv.synthetic import FPS, make_example, write_video
 ASSETS = os.path.join(os.path.dirname(__file__), "..", "mmkv", "assets")
 
 if __name__ == "__main__":
-    ex = make_example(seed=7, num_frames=128, task="color")
+    ex = make_example(seed=7, num_frames=256, task="color")
     os.makedirs(ASSETS, exist_ok=True)
     write_video(os.path.join(ASSETS, "sample.mp4"), ex.frames, FPS)
     with open(os.path.join(ASSETS, "sample.json"), "w") as f:
