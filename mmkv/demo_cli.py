@@ -23,7 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-duration", type=float, default=4 * 3600.0,
                    help="longest video in seconds (default 14400 = 4 h; 0 for no limit)")
     p.add_argument("--max-frames", type=int, default=512, help="most frames a user may sample")
-    p.add_argument("--frames", type=int, default=32, help="default number of sampled frames")
+    p.add_argument("--frames", type=int, default=256, help="default number of sampled frames (with --fps: the cap)")
+    p.add_argument("--fps", type=float, default=2.0,
+                   help="default frames per second sampled (2, as Qwen2-VL; 0: --frames uniformly over the video)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer a user may ask for")
     p.add_argument("--concurrency", type=int, default=1, help="model calls at once (1 per GPU); others queue")
     p.add_argument("--queue-size", type=int, default=64, help="requests waiting at most")
@@ -44,7 +46,7 @@ def config_from_args(args):
     return DemoConfig(models=args.models or ["mmkv-tiny"], allow_custom_model=args.allow_custom_model,
                       recipe=args.recipe, max_upload=args.max_upload,
                       max_duration=args.max_duration if args.max_duration and args.max_duration > 0 else None,
-                      max_frames=args.max_frames, frames=args.frames, max_new_tokens=args.max_new_tokens,
+                      max_frames=args.max_frames, frames=args.frames, fps=args.fps, max_new_tokens=args.max_new_tokens,
                       concurrency=args.concurrency, queue_size=args.queue_size, max_encodings=args.max_encodings,
                       upload_dir=args.upload_dir, upload_ttl=args.upload_ttl, device=args.device, dtype=args.dtype,
                       attn_implementation=args.attn_implementation)

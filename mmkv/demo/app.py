@@ -95,7 +95,7 @@ def build_app(config: DemoConfig | None = None, demo: Demo | None = None):
                 with gr.Row():
                     frames = gr.Slider(1, config.max_frames, value=config.frames, step=1, label="Frames",
                                        info="uniform over the video; with fps, the cap", elem_id="mmkv-frames")
-                    fps = gr.Number(0, label="fps (0 = uniform frames)", minimum=0, elem_id="mmkv-fps")
+                    fps = gr.Number(config.fps, label="fps (0 = uniform frames)", minimum=0, elem_id="mmkv-fps")
                 max_new = gr.Slider(1, config.max_new_tokens, value=min(64, config.max_new_tokens), step=1,
                                     label="Max new tokens", elem_id="mmkv-max-new")
                 encode_btn = gr.Button("Encode video", elem_id="mmkv-encode")

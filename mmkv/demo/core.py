@@ -87,7 +87,9 @@ class DemoConfig:
     max_upload:        largest upload, e.g. "20gb" (Gradio rejects bigger files before they are stored).
     max_duration:      longest video in seconds (None: no limit).
     max_frames:        most frames a user may sample (the frames slider's maximum).
-    frames:            default number of sampled frames.
+    frames:            default number of sampled frames (with fps > 0: the cap).
+    fps:               default sampling rate (2, as Qwen2-VL samples videos); 0 samples `frames`
+                       uniformly over the whole video.
     max_new_tokens:    longest answer a user may ask for.
     concurrency:       model calls running at once (1 for one GPU); others wait in the queue.
     queue_size:        requests waiting at most; more are refused with a "queue full" message.
@@ -105,7 +107,8 @@ class DemoConfig:
     max_upload: str | int | None = "20gb"
     max_duration: float | None = 4 * 3600.0
     max_frames: int = 512
-    frames: int = 32
+    frames: int = 256
+    fps: float = 2.0
     max_new_tokens: int = 256
     concurrency: int = 1
     queue_size: int = 64
@@ -127,6 +130,8 @@ class DemoConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise InputError(f"demo setting {name} must be a positive integer, got {v!r}")
+        if not (isinstance(self.fps, (int, float)) and self.fps >= 0):
+            raise InputError(f"demo setting fps must be 0 (uniform frames) or positive, got {self.fps!r}")
         if self.frames > self.max_frames:
             raise InputError(f"the default frames ({self.frames}) exceed max_frames ({self.max_frames})")
         if self.max_duration is not None and not self.max_duration > 0:
