@@ -74,11 +74,19 @@ def check(cond: bool, msg: str) -> None:
 
 
 # Named presets: recipe strings. Methods add theirs where they are defined.
+# Presets: model-independent budgets (fractions of each frame's tokens, of the attention mass),
+# chosen on the quality benchmark (`mmkv bench quality`, BENCHMARKS.md).
 PRESETS: dict[str, str] = {
     "none": "",
+    "fast": "zipvl",
+    "balanced": "evs:0.25+zipvl",
+    "extreme": "pvc:ratio=0.125+zipvl",
 }
 PRESET_DOCS: dict[str, str] = {
     "none": "no compression: exactly the plain model",
+    "fast": "ZipVL: sparse prefill on the important tokens, 4/2-bit mixed-precision KV (lossless on the benchmark)",
+    "balanced": "25% of the visual tokens (EVS), then ZipVL's sparse prefill and 4/2-bit KV",
+    "extreme": "PVC (at most 12.5% of each frame, adaptively fewer), then ZipVL's sparse prefill and 4/2-bit KV",
 }
 
 
