@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .quant import STAT_DTYPE, pack, unpack
+from .quant import STAT_DTYPE, PackedCodes, pack, unpack
 
 TRITS_PER_BYTE = 5
 _POW3 = (1, 3, 9, 27, 81)
@@ -72,7 +72,7 @@ def _check_slice(t: "SignTensor | TernaryTensor", start: int, end: int | None) -
 
 
 @dataclass
-class SignTensor:
+class SignTensor(PackedCodes):
     """[B, H, T, D] stored as sign bits with an fp16 mean|x| scale per (channel, group of tokens)."""
 
     codes: torch.Tensor  # uint8 [B, H, T, ceil(D / 8)]
@@ -81,15 +81,6 @@ class SignTensor:
     head_dim: int
 
     bits = 1
-
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        b, h, t, _ = self.codes.shape
-        return b, h, t, self.head_dim
-
-    @property
-    def num_tokens(self) -> int:
-        return self.codes.shape[2]
 
     @property
     def nbytes(self) -> int:
@@ -120,7 +111,7 @@ def sign_quantize(x: torch.Tensor, group: int) -> SignTensor:
 
 
 @dataclass
-class TernaryTensor:
+class TernaryTensor(PackedCodes):
     """[B, H, T, D] stored as ternary digits (5 per byte) with an fp16 mean|x| scale per
     (channel, group of tokens)."""
 
@@ -130,15 +121,6 @@ class TernaryTensor:
     head_dim: int
 
     bits = 1.6  # storage bits per code (log2(3) = 1.585 is the information content)
-
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        b, h, t, _ = self.codes.shape
-        return b, h, t, self.head_dim
-
-    @property
-    def num_tokens(self) -> int:
-        return self.codes.shape[2]
 
     @property
     def nbytes(self) -> int:

@@ -67,17 +67,8 @@ def _red_dim(axis: str) -> int:
     return 3 if axis == "channel" else 4
 
 
-@dataclass
-class QuantTensor:
-    """A [B, H, T, D] tensor stored as packed min-max codes with fp16 scale and zero per group."""
-
-    codes: torch.Tensor  # uint8 [B, H, T, ceil(D * bits / 8)]
-    scale: torch.Tensor  # fp16, see module docstring
-    zero: torch.Tensor   # fp16, same shape as scale
-    bits: int
-    group: int
-    axis: str
-    head_dim: int
+class PackedCodes:
+    """Shared by the packed tensor formats: `codes` [B, H, T, packed D] and `head_dim` D."""
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -87,6 +78,19 @@ class QuantTensor:
     @property
     def num_tokens(self) -> int:
         return self.codes.shape[2]
+
+
+@dataclass
+class QuantTensor(PackedCodes):
+    """A [B, H, T, D] tensor stored as packed min-max codes with fp16 scale and zero per group."""
+
+    codes: torch.Tensor  # uint8 [B, H, T, ceil(D * bits / 8)]
+    scale: torch.Tensor  # fp16, see module docstring
+    zero: torch.Tensor   # fp16, same shape as scale
+    bits: int
+    group: int
+    axis: str
+    head_dim: int
 
     @property
     def nbytes(self) -> int:
