@@ -50,14 +50,13 @@ def test_answer_needs_the_needle(pipe):
     """Blank out the needle's frames and the answer is no longer read from them: the model looks."""
     for seed in range(HELD_OUT + 100, HELD_OUT + 108):
         ex = make_example(seed, 64, task="color")
-        r = pipe.generate(ex.frames, ex.prompt, max_new_tokens=4)
-        if r.text.strip()[:1] != ex.answer:
+        seen = pipe.generate(ex.frames, ex.prompt, max_new_tokens=4, output_scores=True)
+        if seen.text.strip()[:1] != ex.answer:
             continue
         n = ex.needles[0]
         frames = ex.frames.copy()
         frames[n.start:n.start + n.length] = frames[n.start - 2 if n.start >= 2 else n.start + n.length]
         blind = pipe.generate(frames, ex.prompt, max_new_tokens=4, output_scores=True)
-        seen = pipe.generate(ex.frames, ex.prompt, max_new_tokens=4, output_scores=True)
         # the probability of the right answer drops once the needle is gone
         tok = pipe.adapter.tokenizer(ex.answer, add_special_tokens=False)["input_ids"][0]
         p_seen = seen.scores[0].float().softmax(-1).flatten()[tok].item()
