@@ -28,8 +28,10 @@ CONFIGS = [
     ("kivi:4", "KIVI 4-bit"),
     ("kivi:2", "KIVI 2-bit"),
     ("vidkv:stp=0,value_bits=2", "VidKV 1.5 / 2"),
-    ("vidkv:stp=0", "VidKV 1.5 / 1.58 (paper defaults, no STP)"),
-    ("vidkv", "VidKV 1.5 / 1.58 + STP 20% (1.66)"),
+    ("vidkv:stp=0,stats=16", "VidKV 1.5 / 1.58, fp16 statistics (the paper's format)"),
+    ("vidkv:stp=0", "VidKV 1.5 / 1.58, 8-bit statistics (mmkv default)"),
+    ("vidkv:stats=16", "VidKV 1.5 / 1.58 + STP 20% (1.66), fp16 statistics"),
+    ("vidkv", "VidKV 1.5 / 1.58 + STP 20% (1.66), 8-bit statistics"),
     ("vidkv:stp=0,channels=head", "VidKV 1.5 / 1.58, channels ranked per head"),
     ("vidkv:1.25,stp=0", "VidKV 1.25 / 1.58"),
     ("vidkv:2,stp=0", "VidKV 2 / 1.58 (no FFT channels)"),
@@ -62,8 +64,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-PIPELINE_RECIPES = ["none", "kivi:2", "vidkv:stp=0", "vidkv", "vidkv:stp=0,group=64", "lookm", "lookm+kivi:2",
-                    "lookm+vidkv"]
+PIPELINE_RECIPES = ["none", "kivi:2", "vidkv:stp=0,stats=16", "vidkv:stats=16", "vidkv:stp=0", "vidkv",
+                    "vidkv:stp=0,group=64", "lookm", "lookm+kivi:2", "lookm+vidkv:stats=16", "lookm+vidkv"]
 
 
 def pipeline(frames: int, recipes: list[str]) -> None:

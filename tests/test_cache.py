@@ -9,6 +9,7 @@ import mmkv
 from conftest import frames_for
 from mmkv.cache import KIVI, CompressedCache, QuantSegment, StreamingLLM, pack, quantize, unpack
 from mmkv.cache.attend import causal_mask, merge_partials, partial_attention
+from mmkv.cache.quant import log8_decode, log8_encode
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
@@ -43,6 +44,69 @@ def test_quantize_constant_group_is_exact():
     x = torch.full((1, 1, 32, 4), 1.25)
     q = quantize(x, 2, 32, "channel")
     assert torch.equal(q.dequantize(torch.float32), x)
+
+
+def test_log8_codes_round_trip_within_their_step():
+    x = torch.cat([torch.logspace(-4.5, 4.5, 1001), torch.tensor([0.0, 1.0, 2.0 ** -3])])
+    near, up = log8_encode(x), log8_encode(x, up=True)
+    assert near.dtype == torch.uint8 and near[-3] == 0 and log8_decode(near)[-3] == 0
+    pos = x > 0
+    assert (log8_decode(up)[pos] >= x[pos]).all()
+    assert (log8_decode(up)[pos] <= x[pos] * 2 ** (1 / 8) * (1 + 1e-6)).all()
+    rel = (log8_decode(near)[pos] / x[pos] - 1).abs()
+    assert rel.max() <= 2 ** (1 / 16) - 1 + 1e-6
+    assert log8_decode(near[-2:]).tolist() == [1.0, 0.125]  # powers of two are exact
+
+
+@pytest.mark.parametrize("bits", [1, 2])
+def test_quantize_with_8bit_statistics_bound_and_step(bits):
+    g = torch.Generator().manual_seed(bits)
+    b, h, t, d, group = 2, 3, 96, 9, 32
+    x = torch.randn(b, h, t, d, generator=g) * torch.linspace(0.05, 6, d) + torch.linspace(-30, 30, d)
+    x[:, :, 32:64, 2] = 1e3 + x[:, :, 32:64, 2] * 1e-3  # a group far from its channel's center, tiny spread
+    x[:, :, 64:96, 3] = x[0, 0, 64, 3]         # a constant group
+    x[:, :, 0:32, 4] = 0.0                     # an all-zero group
+    q8 = quantize(x, bits, group, "channel", stats=8)
+    q16 = quantize(x, bits, group, "channel")
+    assert (q8.scale.dtype, q8.zero.dtype, q8.anchor.dtype) == (torch.uint8, torch.int8, torch.float16)
+    assert q8.anchor.shape == (b, h, 2, d) and q8.stats == 8 and q16.stats == 16 and q16.anchor is None
+    s8, _ = q8.group_stats(0, t // group)
+    err = (q8.dequantize(torch.float32) - x).abs()
+    assert (err <= s8.repeat_interleave(group, 2) / 2 * (1 + 1e-5) + 1e-6).all()
+    # where the offset from the center fits, the step is at most 2.2% (log ceil) x L / (L - 1/16)
+    # coarser than with fp16 statistics
+    levels = 2 ** bits - 1
+    near = ((x.view(b, h, 3, group, d).amin(3) - q8.anchor[:, :, 0:1].float()).abs() * 16 / 127) <= (s8 * 0.5)
+    ratio = s8 / q16.scale.float().clamp_min(1e-6)
+    floor = q8.anchor[:, :, 1:2].float() * 2 ** (-190 / 32)  # the smallest scale (see below)
+    fine = near & (q16.scale.float() > floor)
+    assert fine.float().mean() > 0.75 and (ratio[fine] <= 2 ** (1 / 32) * levels / (levels - 1 / 16) * 1.002).all()
+    # the far group: covered (bound above) with a coarser step, not clipped; it sets its channel's
+    # scale reference, and the channel's other groups get at least reference / 61
+    assert (s8[:, :, 1, 2] > 10 * q16.scale[:, :, 1, 2].float()).all()
+    ref = q8.anchor[:, :, 1, 2].float()
+    assert (s8[:, :, :, 2] >= ref[..., None] * 2 ** (-190 / 32) * 0.999).all()
+    assert q8.nbytes == b * h * t * math.ceil(d * bits / 8) + 2 * b * h * (t // group) * d + 4 * b * h * d
+
+
+def test_8bit_statistics_extend_with_the_same_anchor():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 2, 64, 6, generator=g) * 2 + 5
+    a = quantize(x[:, :, :32], 2, 16, "channel", stats=8)
+    bq = quantize(x[:, :, 32:], 2, 16, "channel", stats=8, anchor=a.anchor)
+    both = a.cat(bq)
+    torch.testing.assert_close(both.dequantize(torch.float32),
+                               torch.cat([a.dequantize(torch.float32), bq.dequantize(torch.float32)], 2))
+    with pytest.raises(ValueError, match="anchor"):
+        a.cat(quantize(x[:, :, 32:], 2, 16, "channel", stats=8))
+    with pytest.raises(ValueError, match="formats"):
+        a.cat(quantize(x[:, :, 32:], 2, 16, "channel"))
+    with pytest.raises(ValueError, match="per-channel"):
+        quantize(x, 2, 6, "token", stats=8)
+    with pytest.raises(ValueError, match="1- and 2-bit"):
+        quantize(x, 4, 16, "channel", stats=8)
+    with pytest.raises(ValueError, match="stats"):
+        quantize(x, 2, 16, "channel", stats=4)
 
 
 def test_quantize_rejects_partial_groups():

@@ -25,7 +25,7 @@ from mmkv.kernels import quant_decode as qd
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = pytest.mark.skipif(qd.triton is None, reason="triton is not installed")
 interp = pytest.mark.skipif(not INTERPRETING, reason="runs in the TRITON_INTERPRET=1 subprocess (test_interpreter_run)")
-INTERP_TESTS = "kernel_matches_reference or memory_outside or through_the_layer"  # the @interp tests (14)
+INTERP_TESTS = "kernel_matches_reference or memory_outside or through_the_layer"  # the @interp tests (18)
 
 
 def test_interpreter_run():
@@ -40,19 +40,19 @@ def test_interpreter_run():
     tail = proc.stdout[-6000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, tail
     passed = re.search(r"(\d+) passed", proc.stdout)
-    assert passed and int(passed.group(1)) == 14 and "skipped" not in proc.stdout.splitlines()[-1], tail
+    assert passed and int(passed.group(1)) == 18 and "skipped" not in proc.stdout.splitlines()[-1], tail
 
 
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
-def _vidkv_planes(b, hk, t, d, n_hi, group, values, seed):
+def _vidkv_planes(b, hk, t, d, n_hi, group, values, seed, stats=16):
     g = _gen(seed)
-    k = torch.randn(b, hk, t, d, generator=g) * torch.linspace(0.3, 3, d)
+    k = torch.randn(b, hk, t, d, generator=g) * torch.linspace(0.3, 3, d) + torch.linspace(-4, 4, d)
     v = torch.randn(b, hk, t, d, generator=g)
-    keys = quantize_keys(k, select_channels(k, n_hi, per_head=True), n_hi, group)
-    vq = ternary_quantize(v, group) if values == "ternary" else quantize(v, 2, group, "channel")
+    keys = quantize_keys(k, select_channels(k, n_hi, per_head=True), n_hi, group, stats)
+    vq = ternary_quantize(v, group, stats=stats) if values == "ternary" else quantize(v, 2, group, "channel", stats)
     return keys, vq
 
 
@@ -67,14 +67,18 @@ def _close(got, ref, dtype):
 @interp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", [
-    # (B, Hk, G, Lq, T, D, n_hi, group, values, splits, block_n)
-    (1, 2, 3, 1, 80, 13, 5, 16, "ternary", 3, 32),      # VidKV 1.x-bit keys, ternary values
-    (2, 1, 4, 1, 48, 11, 11, 16, "2bit", 2, 16),        # key_bits = 2 (2-bit only), 2-bit values
-    (1, 3, 1, 2, 72, 9, 0, 8, "ternary", 4, 16),        # key_bits = 1 (FFT signs only), Lq = 2
+    # (B, Hk, G, Lq, T, D, n_hi, group, values, splits, block_n, stats)
+    (1, 2, 3, 1, 80, 13, 5, 16, "ternary", 3, 32, 16),   # VidKV 1.x-bit keys, ternary values
+    (2, 1, 4, 1, 48, 11, 11, 16, "2bit", 2, 16, 16),     # key_bits = 2 (2-bit only), 2-bit values
+    (1, 3, 1, 2, 72, 9, 0, 8, "ternary", 4, 16, 16),     # key_bits = 1 (FFT signs only), Lq = 2
+    (1, 2, 3, 1, 80, 13, 5, 16, "ternary", 3, 32, 8),    # 8-bit statistics (log8 scales, int8 zeros)
+    (2, 1, 2, 1, 48, 11, 7, 16, "2bit", 2, 16, 8),       # 8-bit statistics, 2-bit values with anchors
 ])
 def test_kernel_matches_reference_vidkv(case, dtype):
-    b, hk, gq, lq, t, d, n_hi, group, values, splits, block_n = case
-    keys, vq = _vidkv_planes(b, hk, t, d, n_hi, group, values, seed=t + d)
+    b, hk, gq, lq, t, d, n_hi, group, values, splits, block_n, stats = case
+    keys, vq = _vidkv_planes(b, hk, t, d, n_hi, group, values, seed=t + d, stats=stats)
+    planes = [*keys.planes(), vq]
+    assert all((p.scale.dtype == torch.uint8) == (stats == 8) for p in planes)
     q = torch.randn(b, hk * gq, lq, d, generator=_gen(1)).to(dtype)
     qt = keys.transform_query(q)
     got = qd.quant_attention_triton(qt, keys.planes(), vq, 0.37, num_splits=splits, block_n=block_n, dtype=dtype)
@@ -176,17 +180,19 @@ def test_cpu_dispatch_uses_the_pytorch_path(monkeypatch):
     _close(seg.fused_attention(q8, 0.3), qd.quant_attention_ref(q8, [seg.keys], seg.values, 0.3), torch.float32)
 
 
-@pytest.mark.parametrize("fmt", ["q1c", "q2c", "q4t", "q8t", "sign", "ternary"])
-def test_table_lookup_dequantization_matches_the_formats_own(fmt):
+@pytest.mark.parametrize("fmt,stats", [(f, 16) for f in ("q1c", "q2c", "q4t", "q8t", "sign", "ternary")] +
+                         [(f, 8) for f in ("q1c", "q2c", "sign", "ternary")])  # 8-bit stats: 1-2 bits per channel
+def test_table_lookup_dequantization_matches_the_formats_own(fmt, stats):
     """The PyTorch path's block dequantization (byte -> values table) equals each format's own
     dequantize on every group-aligned slice."""
     x = torch.randn(2, 3, 48, 10, generator=_gen(len(fmt))) * 3
     if fmt == "sign":
-        p = sign_quantize(x, 8)
+        p = sign_quantize(x, 8, stats)
     elif fmt == "ternary":
-        p = ternary_quantize(x, 8)
+        p = ternary_quantize(x, 8, stats=stats)
     else:
-        p = quantize(x, int(fmt[1]), 8 if fmt[2] == "c" else 5, "channel" if fmt[2] == "c" else "token")
+        p = quantize(x, int(fmt[1]), 8 if fmt[2] == "c" else 5, "channel" if fmt[2] == "c" else "token",
+                     **({"stats": 8} if stats == 8 else {}))
     for s, e in [(0, 48), (8, 24), (40, 48), (16, 17) if fmt[-1] == "t" else (16, 40)]:
         torch.testing.assert_close(qd._dequant_block(p, s, e), p.dequantize(torch.float32, s, e), atol=0, rtol=0)
 
@@ -211,13 +217,16 @@ def test_kernels_compile_for_gpus():
         from triton.backends.compiler import GPUTarget  # noqa: F401
     except ImportError:
         pytest.skip("this triton cannot target CUDA")
-    ptrs = {"Q": "*fp32", "OP": "*fp32", "LP": "*fp32", "K1C": "*u8", "K1S": "*fp16", "K1Z": "*fp16", "K2C": "*u8",
-            "K2S": "*fp16", "VC": "*u8", "VS": "*fp16", "VZ": "*fp16"}
+    ptrs = {"Q": "*fp32", "OP": "*fp32", "LP": "*fp32", "K1C": "*u8", "K1S": "*fp16", "K1Z": "*fp16", "K1N": "*fp16",
+            "K2C": "*u8", "K2S": "*fp16", "VC": "*u8", "VS": "*fp16", "VZ": "*fp16", "VN": "*fp16"}
+    stats8 = {**ptrs, "K1S": "*u8", "K1Z": "*i8", "K2S": "*u8", "VS": "*u8", "VZ": "*u8"}
     vidkv = dict(D1=64, D2=64, DV=128, HAS_K1=True, HAS_K2=True, K1_BITS=2, K1_AXIS=0, V_TERNARY=True, V_BITS=2,
-                 V_AXIS=0, BLOCK_R=16, BLOCK_N=64, BLOCK_D1=64, BLOCK_D2=64, BLOCK_DV=128, DOT_F32=False)
-    kivi = {**vidkv, "D1": 128, "BLOCK_D1": 128, "D2": 0, "HAS_K2": False, "V_TERNARY": False, "V_AXIS": 1}
-    for arch, cx in [(90, vidkv), (80, kivi)]:
-        k = _aot_compile(qd._quant_decode_kernel, cx, ptrs, arch)
+                 V_AXIS=0, K1_S8=True, K2_S8=True, V_S8=True, BLOCK_R=16, BLOCK_N=64, BLOCK_D1=64, BLOCK_D2=64,
+                 BLOCK_DV=128, DOT_F32=False)
+    vidkv16 = {**vidkv, "K1_S8": False, "K2_S8": False, "V_S8": False}
+    kivi = {**vidkv16, "D1": 128, "BLOCK_D1": 128, "D2": 0, "HAS_K2": False, "V_TERNARY": False, "V_AXIS": 1}
+    for arch, cx, types in [(90, vidkv, stats8), (80, vidkv16, ptrs), (80, kivi, ptrs)]:
+        k = _aot_compile(qd._quant_decode_kernel, cx, types, arch)
         assert "mma.sync" in k.asm["ptx"] or "wgmma" in k.asm["ptx"]
     _aot_compile(qd._reduce_kernel, dict(DV=128, BLOCK_S=64, BLOCK_DV=128),
                  {"OP": "*fp32", "LP": "*fp32", "OUT": "*fp32", "LSE": "*fp32"}, 90)

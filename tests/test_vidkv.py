@@ -11,7 +11,7 @@ import mmkv
 from conftest import frames_for
 from mmkv.cache import SEPARATOR, TEXT, VISUAL, CompressedCache, PressContext, StreamingLLM, pack, unpack
 from mmkv.cache.lowbit import pack_ternary, sign_quantize, ternary_quantize, unpack_ternary
-from mmkv.cache.quant import QuantTensor
+from mmkv.cache.quant import QuantTensor, log8_decode
 from mmkv.cache.vidkv import (VidKV, VidKVSegment, inverse_spectrum, query_spectrum, quantize_keys, select_channels,
                               spectrum)
 from mmkv.errors import RecipeError
@@ -85,6 +85,26 @@ def test_ternary_dequantization_is_the_direct_formula_and_uses_the_scale():
     torch.testing.assert_close(q.dequantize(torch.float32, 32, 96), deq[:, :, 32:])
     with pytest.raises(ValueError):
         q.dequantize(torch.float32, 5, 40)
+
+
+def test_log8_scales_for_signs_and_trits():
+    """stats=8: the mean|x| scale is a log8 code (within 4.4%), the codes are the direct formulas
+    against that stored scale, and the scale costs one byte instead of two."""
+    x = torch.randn(2, 2, 64, 9, generator=_gen(5)) * torch.logspace(-3, 3, 9)
+    s = _group_mean_abs(x, 32)
+    sq = sign_quantize(x, 32, stats=8)
+    assert sq.scale.dtype == torch.uint8 and sq.nbytes == sq.codes.nbytes + 2 * 2 * 2 * 9
+    s8 = log8_decode(sq.scale).repeat_interleave(32, 2)
+    assert ((s8 / s - 1).abs() <= 2 ** (1 / 16) - 1 + 1e-6).all()
+    torch.testing.assert_close(sq.dequantize(torch.float32), torch.where(x >= 0, 1.0, -1.0) * s8, atol=0, rtol=0)
+    tq = ternary_quantize(x, 32, stats=8)
+    s8 = log8_decode(tq.scale).repeat_interleave(32, 2)
+    t = (x > 0.5 * s8).float() - (x < -0.5 * s8).float()
+    torch.testing.assert_close(tq.dequantize(torch.float32), t * s8, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="formats"):
+        tq.cat(ternary_quantize(x, 32))
+    with pytest.raises(ValueError, match="stats"):
+        sign_quantize(x, 32, stats=12)
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 8, 13])
@@ -166,26 +186,37 @@ def test_each_layer_keeps_its_own_channels_and_shapes():
 
 
 # ----------------------------------------------------------------------------- the press on a cache
-def test_bytes_are_the_stored_tensors_and_bits_per_element():
+@pytest.mark.parametrize("stats", [16, 8])
+def test_bytes_are_the_stored_tensors_and_bits_per_element(stats):
     d, h, t, res = 128, 2, 200, 40
     cache = _filled(n_layers=1, h=h, t=t, d=d, seed=4)
-    VidKV(stp=0, residual=res).compress(cache, None)
+    VidKV(stp=0, residual=res, stats=stats).compress(cache, None)
     layer = cache.layers[0]
     seg = layer.segments[0]
     n = (t - res) // 32 * 32
     assert seg.num_tokens == n and layer.residual_len == t - n
     stored = [seg.keys.hi.codes, seg.keys.hi.scale, seg.keys.hi.zero, seg.keys.lo.codes, seg.keys.lo.scale,
               seg.keys.perm, seg.values.codes, seg.values.scale, layer.keys, layer.values]
+    if stats == 8:
+        stored.append(seg.keys.hi.anchor)
+        assert seg.keys.hi.anchor.shape == (1, h, 2, 64) and seg.keys.hi.anchor.dtype == torch.float16
+        assert (seg.keys.hi.scale.dtype, seg.keys.hi.zero.dtype) == (torch.uint8, torch.int8)
+        assert seg.keys.lo.scale.dtype == seg.values.scale.dtype == torch.uint8
     assert layer.nbytes == sum(x.nbytes for x in stored)
     # the layout: 64 channels x 2 bits + 64 coordinates x 1 bit + ternary 5 per byte, per token,
-    # fp16 scale + zero per (32 tokens, 2-bit channel), fp16 scale per (32 tokens, other channel)
+    # scale + zero per (32 tokens, 2-bit channel), scale per (32 tokens, other channel): 2 bytes
+    # each with fp16 statistics, 1 byte each with 8-bit ones (+ an fp16 anchor pair per 2-bit channel)
     per_token = 64 * 2 // 8 + 64 // 8 + math.ceil(d / 5)
-    per_group = (64 * 2 + 64 + d) * 2
-    assert seg.nbytes == h * (n * per_token + n // 32 * per_group) + h * d
+    per_group = (64 * 2 + 64 + d) * (stats // 8)
+    center = 0 if stats == 16 else h * 64 * 4
+    assert seg.nbytes == h * (n * per_token + n // 32 * per_group) + h * d + center
     bits = seg.bits_per_element
     assert bits == 8 * seg.nbytes / (2 * h * n * d)
-    perm_bits = 8 * seg.keys.perm.nbytes / (2 * h * n * d)
-    assert bits - perm_bits == pytest.approx((2.25 + 2.125) / 2)  # keys 2.25 bits, values 2.125 bits
+    extra_bits = 8 * (seg.keys.perm.nbytes + center) / (2 * h * n * d)
+    if stats == 16:  # keys 2.25 bits, values 2.125 bits
+        assert bits - extra_bits == pytest.approx((2.25 + 2.125) / 2)
+    else:            # keys (2.5 + 1.25) / 2, values 1.625 + 0.25: under 2 bits at the paper's 1.5 / 1.58
+        assert bits - extra_bits == pytest.approx((1.875 + 1.875) / 2)
     assert seg.values.codes.shape[-1] == 26  # ternary packed 5 per byte, not one byte per value
 
 

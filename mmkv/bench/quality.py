@@ -71,6 +71,8 @@ RECIPES: list[tuple[str, str]] = [
     ("kivi:2", "KIVI 2-bit"),
     ("vidkv", "VidKV 1.5/1.58 + STP 20%"),
     ("vidkv:stp=0", "VidKV 1.5/1.58, no STP"),
+    ("vidkv:stp=0,stats=16", "VidKV 1.5/1.58, no STP, fp16 statistics (the paper's format)"),
+    ("vidkv:stp=0,value_bits=2", "VidKV 1.5/2, no STP"),
     ("vidkv:value_bits=2", "VidKV 1.5/2"),
     ("vidkv:1.25", "VidKV 1.25/1.58 + STP 20%"),
     ("vidkv:group=64", "VidKV 1.5/1.58 + STP 20%, groups of 64"),

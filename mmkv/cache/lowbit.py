@@ -15,7 +15,12 @@ rows, exactly as they read `QuantTensor` codes.
   byte = sum_i digit_i * 3**i, little end first. Dequantization is t * scale (the official code
   returns t without the scale).
 
-The threshold is applied against the stored (fp16-rounded) scale, so dequantization and the
+With `stats=8` the scale is stored as a uint8 `log8` code (`quant.log8_encode`: 8 steps per
+octave, rounded to nearest in the log domain, at most 4.4% off) instead of fp16: at groups of 32
+tokens that takes the scale's cost from 0.5 to 0.25 bit per element. The scale tensor's dtype says
+which (uint8: log8; fp16: plain).
+
+The threshold is applied against the stored (rounded) scale, so dequantization and the
 codes agree exactly with the direct formulas (checked in tests). Stored tensors are never
 modified in place.
 """
@@ -25,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .quant import STAT_DTYPE, PackedCodes, pack, unpack
+from .quant import STAT_DTYPE, PackedCodes, decode_scale, log8_encode, pack, unpack
 
 TRITS_PER_BYTE = 5
 _POW3 = (1, 3, 9, 27, 81)
@@ -58,9 +63,17 @@ def _groups(x: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def _expand(stat: torch.Tensor, group: int, start: int, end: int) -> torch.Tensor:
-    """[B, H, T // group, D] per-group statistics -> [B, H, end - start, D] per token (fp32)."""
+    """[B, H, T // group, D] per-group scales (fp16 or log8) -> [B, H, end - start, D] per token (fp32)."""
     g0, g1 = start // group, -(-end // group)
-    return stat[:, :, g0:g1].float().repeat_interleave(group, dim=2)[:, :, start - g0 * group: end - g0 * group]
+    return decode_scale(stat[:, :, g0:g1]).repeat_interleave(group, dim=2)[:, :, start - g0 * group: end - g0 * group]
+
+
+def _store_scale(scale: torch.Tensor, stats: int) -> torch.Tensor:
+    if stats == 8:
+        return log8_encode(scale)
+    if stats == 16:
+        return scale.to(STAT_DTYPE)
+    raise ValueError(f"stats must be 8 or 16, got {stats}")
 
 
 def _check_slice(t: "SignTensor | TernaryTensor", start: int, end: int | None) -> int:
@@ -76,7 +89,7 @@ class SignTensor(PackedCodes):
     """[B, H, T, D] stored as sign bits with an fp16 mean|x| scale per (channel, group of tokens)."""
 
     codes: torch.Tensor  # uint8 [B, H, T, ceil(D / 8)]
-    scale: torch.Tensor  # fp16 [B, H, T // group, D]
+    scale: torch.Tensor  # fp16 [B, H, T // group, D] (uint8 log8 codes with stats=8)
     group: int
     head_dim: int
 
@@ -95,17 +108,18 @@ class SignTensor(PackedCodes):
         return (self.signs(start, end) * _expand(self.scale, self.group, start, end)).to(dtype)
 
     def cat(self, other: "SignTensor") -> "SignTensor":
-        if (self.group, self.head_dim) != (other.group, other.head_dim):
+        if (self.group, self.head_dim, self.scale.dtype) != (other.group, other.head_dim, other.scale.dtype):
             raise ValueError("cannot concatenate sign tensors of different formats")
         return SignTensor(torch.cat([self.codes, other.codes], 2), torch.cat([self.scale, other.scale], 2),
                           self.group, self.head_dim)
 
 
-def sign_quantize(x: torch.Tensor, group: int) -> SignTensor:
-    """1-bit sign quantization of x [B, H, T, D] with scale mean|x| per (channel, `group` tokens)."""
+def sign_quantize(x: torch.Tensor, group: int, stats: int = 16) -> SignTensor:
+    """1-bit sign quantization of x [B, H, T, D] with scale mean|x| per (channel, `group` tokens),
+    stored in fp16 (stats=16) or as a log8 code (stats=8)."""
     b, h, t, d = x.shape
     xg = _groups(x, group)
-    scale = xg.abs().mean(3).to(STAT_DTYPE)                              # [B, H, T/g, D]
+    scale = _store_scale(xg.abs().mean(3), stats)                        # [B, H, T/g, D]
     bits = (x >= 0).to(torch.uint8)                                      # [B, H, T, D]
     return SignTensor(pack(bits, 1), scale, group, d)
 
@@ -116,7 +130,7 @@ class TernaryTensor(PackedCodes):
     (channel, group of tokens)."""
 
     codes: torch.Tensor  # uint8 [B, H, T, ceil(D / 5)]
-    scale: torch.Tensor  # fp16 [B, H, T // group, D]
+    scale: torch.Tensor  # fp16 [B, H, T // group, D] (uint8 log8 codes with stats=8)
     group: int
     head_dim: int
 
@@ -135,18 +149,19 @@ class TernaryTensor(PackedCodes):
         return (self.trits(start, end) * _expand(self.scale, self.group, start, end)).to(dtype)
 
     def cat(self, other: "TernaryTensor") -> "TernaryTensor":
-        if (self.group, self.head_dim) != (other.group, other.head_dim):
+        if (self.group, self.head_dim, self.scale.dtype) != (other.group, other.head_dim, other.scale.dtype):
             raise ValueError("cannot concatenate ternary tensors of different formats")
         return TernaryTensor(torch.cat([self.codes, other.codes], 2), torch.cat([self.scale, other.scale], 2),
                              self.group, self.head_dim)
 
 
-def ternary_quantize(x: torch.Tensor, group: int, threshold: float = 0.5) -> TernaryTensor:
-    """Ternary quantization of x [B, H, T, D] per (channel, `group` tokens): scale = mean|x|,
-    t = sign(x) where |x| > threshold * scale, else 0."""
+def ternary_quantize(x: torch.Tensor, group: int, threshold: float = 0.5, stats: int = 16) -> TernaryTensor:
+    """Ternary quantization of x [B, H, T, D] per (channel, `group` tokens): scale = mean|x|
+    (fp16 with stats=16, a log8 code with stats=8), t = sign(x) where |x| > threshold * scale
+    (the stored scale), else 0."""
     b, h, t, d = x.shape
     xg = _groups(x, group)
-    scale = xg.abs().mean(3, keepdim=True).to(STAT_DTYPE)                # [B, H, T/g, 1, D]
-    thr = threshold * scale.float()
+    scale = _store_scale(xg.abs().mean(3, keepdim=True), stats)          # [B, H, T/g, 1, D]
+    thr = threshold * decode_scale(scale)
     q = (xg > thr).to(torch.int8) - (xg < -thr).to(torch.int8)           # [B, H, T/g, g, D]
     return TernaryTensor(pack_ternary((q + 1).view(b, h, t, d)), scale.squeeze(3), group, d)

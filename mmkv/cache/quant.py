@@ -10,8 +10,26 @@ Layout: a KV tensor is [B, H, T, D] (batch, KV heads, tokens, head dim).
 Codes are packed along D, `8 // bits` codes per byte, little end first: byte = sum_i c_i << (bits * i).
 Scales and zeros are stored in fp16 and the codes are computed against the stored (rounded)
 values, so the reconstruction error of every element is at most scale / 2 (checked in tests).
-Stored tensors are never modified in place: `cat` builds new ones, so a shallow copy of a cache
-is a snapshot (see `CompressedCache.clone`).
+
+8-bit statistics (`stats=8`, 1- and 2-bit codes in per-channel groups): at 2 bits and groups of 32 tokens, an fp16
+scale and zero cost 1 bit per element, a third of the total. With `stats=8` each costs a byte,
+against a per-(batch, head, channel) fp16 `anchor` [B, H, 2, D] fixed when the tensor is created:
+anchor[:, :, 0] = the channel's center c (its mean over the tokens), anchor[:, :, 1] = a scale
+reference r (the largest group scale the channel needs then).
+- scale = r * 2 ** ((code - 191) / 32), a uint8 code (0 = zero scale): 32 steps per octave from
+  r / 61 to 4 r, rounded up so the group's range stays covered (at most 2.2% coarser);
+- zero = c + scale * code / 16, an int8 code, rounded down; the scale is chosen large enough that
+  [zero, zero + levels * scale] covers the group's [min, max] with that slack (2% at 2 bits) and
+  the offset (min - c) fits 127 codes (a group far from its channel's center, relative to its own
+  spread, gets a coarser step; nothing is clipped).
+So the grid is at most ~4% coarser than with fp16 statistics; the bound |x - dequant| <= scale / 2
+holds with the stored scale. Groups added later (decode time) reuse the anchor (pass `anchor=`);
+one needing more than 4 r (four times the largest spread seen at creation) is clipped to 4 r;
+one needing less than r / 61 gets r / 61.
+
+`log8` (`log8_encode` / `log8_decode`) is the anchor-free 8-bit format used for the positive
+mean|x| scales of the 1-bit and ternary formats (`lowbit`): 2 ** ((code - 128) / 8), 8 steps per
+octave over fp16's normal range, at most 4.4% off (rounded to nearest).
 """
 from __future__ import annotations
 
@@ -21,6 +39,34 @@ import torch
 
 PACKABLE_BITS = (1, 2, 4, 8)
 STAT_DTYPE = torch.float16
+LOG8_STEPS = 8       # log8 codes per octave: value = 2 ** ((code - 128) / LOG8_STEPS), code 0 = 0
+SCALE8_STEPS = 32    # anchored scale codes per octave: scale = ref * 2 ** ((code - SCALE8_ONE) / SCALE8_STEPS)
+SCALE8_ONE = 191     # the code of scale = ref (codes up to 255 give up to 4 ref)
+ZERO8_STEPS = 16     # int8 zero codes per scale: zero = center + scale * code / ZERO8_STEPS
+
+
+def log8_encode(x: torch.Tensor, up: bool = False) -> torch.Tensor:
+    """Non-negative x -> uint8 log codes: 0 for x <= 0, else 128 + LOG8_STEPS * log2(x) rounded
+    (to nearest in the log domain, or up when `up`, so that decode >= x), clamped to [1, 255]
+    (2**-15.9 .. 2**15.9, about fp16's normal range). Relative error <= 2**(1/16) - 1 = 4.4%."""
+    x = x.float()
+    lg = torch.log2(x.clamp_min(1e-38)) * LOG8_STEPS
+    c = (torch.ceil(lg) if up else torch.round(lg)) + 128
+    if up:  # exp2 rounding: make sure decode(c) >= x
+        c = torch.where(torch.exp2((c - 128) / LOG8_STEPS) < x, c + 1, c)
+    c = c.clamp(1, 255)
+    return torch.where(x > 0, c, torch.zeros_like(c)).to(torch.uint8)
+
+
+def log8_decode(c: torch.Tensor) -> torch.Tensor:
+    """uint8 log codes -> fp32 values (0 for code 0)."""
+    v = torch.exp2((c.float() - 128) / LOG8_STEPS)
+    return torch.where(c > 0, v, torch.zeros_like(v))
+
+
+def decode_scale(scale: torch.Tensor) -> torch.Tensor:
+    """A stored scale tensor as fp32: log8 codes (uint8) are decoded, fp16 is widened."""
+    return log8_decode(scale) if scale.dtype == torch.uint8 else scale.float()
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -85,16 +131,33 @@ class QuantTensor(PackedCodes):
     """A [B, H, T, D] tensor stored as packed min-max codes with fp16 scale and zero per group."""
 
     codes: torch.Tensor  # uint8 [B, H, T, ceil(D * bits / 8)]
-    scale: torch.Tensor  # fp16, see module docstring
-    zero: torch.Tensor   # fp16, same shape as scale
+    scale: torch.Tensor  # fp16 (or uint8 log8 codes with stats=8), see module docstring
+    zero: torch.Tensor   # fp16 (or int8 codes with stats=8), same shape as scale
     bits: int
     group: int
     axis: str
     head_dim: int
+    anchor: torch.Tensor | None = None  # fp16 [B, H, 2, D] (center, scale reference) with stats=8
+
+    @property
+    def stats(self) -> int:
+        """Bits of each stored statistic: 16 (fp16 scale and zero) or 8."""
+        return 8 if self.anchor is not None else 16
 
     @property
     def nbytes(self) -> int:
-        return self.codes.nbytes + self.scale.nbytes + self.zero.nbytes
+        return self.codes.nbytes + self.scale.nbytes + self.zero.nbytes + \
+            (self.anchor.nbytes if self.anchor is not None else 0)
+
+    def group_stats(self, g0: int, g1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero) fp32 of per-channel groups [g0, g1): [B, H, g1 - g0, D]; per-token
+        tensors: of tokens [g0, g1), [B, H, g1 - g0, D // group]."""
+        s = self.scale[:, :, g0:g1]
+        if self.anchor is None:
+            return s.float(), self.zero[:, :, g0:g1].float()
+        a = self.anchor.float()
+        sc = _scale8_decode(s, a[:, :, 1:2])
+        return sc, a[:, :, 0:1] + sc * (self.zero[:, :, g0:g1].float() / ZERO8_STEPS)
 
     def dequantize(self, dtype: torch.dtype = torch.float32, start: int = 0, end: int | None = None) -> torch.Tensor:
         """Reconstruct tokens [start, end) as [B, H, n, D] in `dtype`."""
@@ -103,20 +166,25 @@ class QuantTensor(PackedCodes):
             raise ValueError("channel-wise slices must start and end on group boundaries")
         q = unpack(self.codes[:, :, start:end], self.bits, self.head_dim).float()  # [B, H, n, D]
         if self.axis == "channel":
-            g0, g1 = start // self.group, -(-end // self.group)
-            s = self.scale[:, :, g0:g1].float().repeat_interleave(self.group, dim=2)[:, :, : end - start]
-            z = self.zero[:, :, g0:g1].float().repeat_interleave(self.group, dim=2)[:, :, : end - start]
+            s, z = self.group_stats(start // self.group, -(-end // self.group))
+            s = s.repeat_interleave(self.group, dim=2)[:, :, : end - start]
+            z = z.repeat_interleave(self.group, dim=2)[:, :, : end - start]
         else:
-            s = self.scale[:, :, start:end].float().repeat_interleave(self.group, dim=3)
-            z = self.zero[:, :, start:end].float().repeat_interleave(self.group, dim=3)
+            s, z = self.group_stats(start, end)
+            s, z = s.repeat_interleave(self.group, dim=3), z.repeat_interleave(self.group, dim=3)
         return (q * s + z).to(dtype)
 
     def cat(self, other: "QuantTensor") -> "QuantTensor":
         """A new QuantTensor holding self's tokens then other's (same format)."""
-        if (self.bits, self.group, self.axis, self.head_dim) != (other.bits, other.group, other.axis, other.head_dim):
+        if (self.bits, self.group, self.axis, self.head_dim, self.stats) != \
+                (other.bits, other.group, other.axis, other.head_dim, other.stats):
             raise ValueError("cannot concatenate quantized tensors of different formats")
+        if self.anchor is not None and not torch.equal(self.anchor, other.anchor):
+            raise ValueError("cannot concatenate 8-bit-statistics tensors with different anchors "
+                             "(quantize the new part with anchor=self.anchor)")
         return QuantTensor(torch.cat([self.codes, other.codes], 2), torch.cat([self.scale, other.scale], 2),
-                           torch.cat([self.zero, other.zero], 2), self.bits, self.group, self.axis, self.head_dim)
+                           torch.cat([self.zero, other.zero], 2), self.bits, self.group, self.axis, self.head_dim,
+                           self.anchor)
 
     def select(self, idx: torch.Tensor) -> "QuantTensor":
         """Keep tokens `idx` ([H, k] per head, or [k]); only for token-wise groups."""
@@ -135,13 +203,24 @@ def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(2, gi)
 
 
-def quantize(x: torch.Tensor, bits: int, group: int, axis: str) -> QuantTensor:
+def quantize(x: torch.Tensor, bits: int, group: int, axis: str, stats: int = 16,
+             anchor: torch.Tensor | None = None) -> QuantTensor:
     """Asymmetric min-max quantization of x [B, H, T, D] into `bits`-bit codes per group.
 
-    Guarantees |x - dequantize(quantize(x))| <= scale / 2 elementwise (scale as stored, fp16).
+    stats: 16 (fp16 scale and zero) or 8 (uint8 scale and int8 zero codes against a per-channel
+    `anchor`; per-channel groups only, see the module docstring). anchor: fp16 [B, H, 2, D] to
+    reuse (to extend an existing tensor), else computed from x.
+    Guarantees |x - dequantize(quantize(x))| <= scale / 2 elementwise (scale as stored).
     """
     if bits not in PACKABLE_BITS:
         raise ValueError(f"bits must be one of {PACKABLE_BITS}, got {bits}")
+    if stats not in (8, 16):
+        raise ValueError(f"stats must be 8 or 16, got {stats}")
+    if stats == 8:
+        if axis != "channel" or bits > 2:
+            raise ValueError("8-bit statistics are for 1- and 2-bit codes in per-channel groups (axis='channel'), "
+                             f"got {bits} bits, axis={axis!r}")
+        return _quantize_stats8(x, bits, group, anchor)
     b, h, t, d = x.shape
     levels = (1 << bits) - 1
     xg = _group_view(x.float(), group, axis)
@@ -161,6 +240,49 @@ def quantize(x: torch.Tensor, bits: int, group: int, axis: str) -> QuantTensor:
     q = torch.where(s > 0, (xg - zero.float()) / s.clamp_min(1e-30), torch.zeros_like(xg))
     q = q.round_().clamp_(0, levels).to(torch.uint8).view(b, h, t, d)
     return QuantTensor(pack(q, bits), scale.squeeze(rd), zero.squeeze(rd), bits, group, axis, d)
+
+
+def _scale8_decode(code: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    v = ref * torch.exp2((code.float() - SCALE8_ONE) / SCALE8_STEPS)
+    return torch.where(code > 0, v, torch.zeros_like(v))
+
+
+def _quantize_stats8(x: torch.Tensor, bits: int, group: int, anchor: torch.Tensor | None) -> QuantTensor:
+    b, h, t, d = x.shape
+    levels = (1 << bits) - 1
+    xf = x.float()
+    xg = _group_view(xf, group, "channel")                               # [B, H, T/g, g, D]
+    mn, mx = xg.amin(3), xg.amax(3)                                      # [B, H, T/g, D]
+    slack = 1.0 / ZERO8_STEPS
+
+    def needed(cen):
+        # zero >= min - scale / Z (floor of its code), so (levels - 1 / Z) * scale must cover
+        # max - min; the offset (min - center) must fit 127 codes of scale / Z.
+        return torch.maximum((mx - mn) / (levels - slack), (mn - cen).abs() * (ZERO8_STEPS / 127.0))
+
+    if anchor is None:
+        cen = (xf.mean(2, keepdim=True) if t else xf.new_zeros(b, h, 1, d)).to(STAT_DTYPE).float()
+        top = needed(cen).amax(2, keepdim=True) if t else xf.new_zeros(b, h, 1, d)
+        ref = top.to(STAT_DTYPE)
+        ref = torch.where(ref.float() < top, torch.nextafter(ref, torch.full_like(ref, float("inf"))), ref)
+        ref = torch.where(ref.float() > 0, ref, torch.ones_like(ref))    # all-constant channels
+        anchor = torch.cat([cen.to(STAT_DTYPE), ref], 2)
+    if anchor.shape != (b, h, 2, d):
+        raise ValueError(f"anchor must be [B, H, 2, D] = {(b, h, 2, d)}, got {tuple(anchor.shape)}")
+    cen, ref = anchor[:, :, 0:1].float(), anchor[:, :, 1:2].float()
+    need = needed(cen)
+    lg = torch.log2((need / ref).clamp_min(1e-30)) * SCALE8_STEPS
+    code = torch.ceil(lg) + SCALE8_ONE
+    code = torch.where(_scale8_decode(code.clamp(1, 255), ref) < need, code + 1, code).clamp(1, 255)
+    code = torch.where(need > 0, code, torch.zeros_like(code))
+    s = _scale8_decode(code, ref)
+    zc = torch.where(s > 0, torch.floor((mn - cen) * ZERO8_STEPS / s.clamp_min(1e-30)), torch.zeros_like(s))
+    zc = zc.clamp(-128, 127)
+    zero = cen + s * (zc / ZERO8_STEPS)                                   # as decoded
+    q = torch.where(s.unsqueeze(3) > 0, (xg - zero.unsqueeze(3)) / s.unsqueeze(3).clamp_min(1e-30),
+                    torch.zeros_like(xg))
+    q = q.round_().clamp_(0, levels).to(torch.uint8).view(b, h, t, d)
+    return QuantTensor(pack(q, bits), code.to(torch.uint8), zc.to(torch.int8), bits, group, "channel", d, anchor)
 
 
 @dataclass

@@ -20,20 +20,23 @@ Semantic token protection (STP, `stp` = 0.2): the visual tokens most similar to 
   the cache), so both parts keep whole groups of `group` tokens.
 Residual: the `residual` most recent tokens stay in full precision (the model's dtype).
 
-Defaults (the paper's): key_bits=1.5, value_bits=1.58, stp=0.2, group=32, residual=128,
-channels="layer" (one channel ranking per layer, shared by its KV heads, as in the official code;
-channels="head" ranks per KV head at no extra cost, see docs/vidkv.md for the measured effect).
+Defaults (the paper's, except `stats`): key_bits=1.5, value_bits=1.58, stp=0.2, group=32,
+residual=128, channels="layer" (one channel ranking per layer, shared by its KV heads, as in the
+official code; channels="head" ranks per KV head at no extra cost, see docs/vidkv.md for the
+measured effect), stats=8 (each per-group scale and zero in one byte; 16 = fp16, the paper's).
 
-Storage (true bits per element, scales included; the byte count is the sum of the stored tensors):
-- 2-bit key channels: 2 + 32/group (fp16 scale + zero per group);
+Storage (true bits per element, scales included; the byte count is the sum of the stored tensors),
+head_dim 128, groups of 32 (s = bits per statistic, 16 or 8):
+- 2-bit key channels: 2 + 2s/32 (scale + zero per group; with s = 8 plus a per-channel fp16
+  anchor, `quant.py`);
 - 1-bit key channels: the FFT of De real channels has exactly De independent real coordinates
   (real parts of bins 0..De//2, imaginary parts of bins 1..(De-1)//2; the others are zero or
-  conjugate copies), so we store De sign bits + De fp16 scales per group: 1 + 16/group bits;
-- ternary values: 5 trits per byte (1.6 bits) + 16/group;  2-bit values: 2 + 32/group.
-At the defaults and head_dim 128: keys 2.25, values 2.125 bits, 2.19 bits per element overall
-(~7.3x smaller than fp16), plus a per-layer channel permutation ([H, D] uint8). The paper's
-"1.5 / 1.58 bits" count code bits only. STP at 0.2 adds 0.2 * (3 - 2.125) / 2 = 0.09 bits
-(2.28 overall). group=64 gives 1.875 bits (8.5x).
+  conjugate copies), so we store De sign bits + De scales per group: 1 + s/32 bits;
+- ternary values: 5 trits per byte (1.6 bits, 1.625 at D = 128) + s/32;  2-bit values: 2 + 2s/32.
+With fp16 statistics: keys 2.25, values 2.125, 2.19 bits per element overall (~7.3x smaller than
+fp16), 2.28 with STP at 0.2; the paper's "1.5 / 1.58 bits" count code bits only. With 8-bit
+statistics (default): keys 1.875, values 1.875, 1.88 bits (8.5x), 1.94 with STP (8.2x), plus a
+per-layer channel permutation ([H, D] uint8).
 
 Deviations from the official code (KD-TAO/VidKV @0e55c39, `cache_utils.QuantizedCacheVLM*`,
 `vidkv_quant.py`), and why:
@@ -60,6 +63,10 @@ Deviations from the official code (KD-TAO/VidKV @0e55c39, `cache_utils.Quantized
   Similarity uses all question-side tokens the pipeline embeds (question plus chat-template tail).
 - A partial last group (fewer than `group` tokens) stays in full precision, as in the official
   prefill; only its size differs.
+- 8-bit statistics by default (the official code stores fp16 scales and zeros): log8 codes for the
+  sign and ternary scales, anchored uint8 / int8 codes for the 2-bit planes (`quant.py`). They
+  take the cache from 2.28 to 1.94 true bits per element at the same measured accuracy on the
+  trained tiny model (BENCHMARKS.md); `stats=16` restores the paper's format.
 """
 from __future__ import annotations
 
@@ -193,14 +200,16 @@ class VidKVKeys:
                          None if self.lo is None else self.lo.cat(other.lo), self.perm, self.group)
 
 
-def quantize_keys(x: torch.Tensor, perm: torch.Tensor, n_hi: int, group: int) -> VidKVKeys:
+def quantize_keys(x: torch.Tensor, perm: torch.Tensor, n_hi: int, group: int, stats: int = 16,
+                  anchor: torch.Tensor | None = None) -> VidKVKeys:
     """VidKV keys of x [B, H, T, D]: channels perm[:, :n_hi] at 2-bit min-max, the rest as the
-    sign bits of their spectrum, all per channel in groups of `group` tokens."""
+    sign bits of their spectrum, all per channel in groups of `group` tokens. stats: 16 (fp16
+    scales and zeros) or 8 (`quant` 8-bit statistics; `anchor`: the 2-bit plane's to extend)."""
     b, h, t, d = x.shape
     idx = perm.long()[None, :, None, :].expand(b, h, t, d)
     xp = x.float().gather(-1, idx)                                       # [B, H, T, D] in perm order
-    hi = quantize(xp[..., :n_hi], 2, group, "channel") if n_hi else None
-    lo = sign_quantize(spectrum(xp[..., n_hi:]), group) if n_hi < d else None
+    hi = quantize(xp[..., :n_hi], 2, group, "channel", stats, anchor) if n_hi else None
+    lo = sign_quantize(spectrum(xp[..., n_hi:]), group, stats) if n_hi < d else None
     return VidKVKeys(hi, lo, perm, group)
 
 
@@ -271,6 +280,7 @@ class VidKV(KVPress):
     group: int = 32
     residual: int = 128
     channels: str = "layer"
+    stats: int = 8
 
     def validate(self):
         check(1.0 <= self.key_bits <= 2.0, f"vidkv: key_bits must be in [1, 2], got {self.key_bits}")
@@ -279,6 +289,7 @@ class VidKV(KVPress):
         check(self.group >= 1, f"vidkv: group must be >= 1, got {self.group}")
         check(self.residual >= 0, f"vidkv: residual must be >= 0, got {self.residual}")
         check(self.channels in ("layer", "head"), f"vidkv: channels must be 'layer' or 'head', got {self.channels!r}")
+        check(self.stats in (8, 16), f"vidkv: stats must be 8 or 16 (bits per scale / zero), got {self.stats}")
 
     @property
     def query_aware(self) -> bool:
@@ -344,13 +355,19 @@ class VidKV(KVPress):
                 return s.keys.perm
         return select_channels(layer.keys, self.n_hi(layer.keys.shape[-1]), self.channels == "head")
 
-    def _segment(self, k, v, pos, perm, protected: bool) -> VidKVSegment:
-        keys = quantize_keys(k, perm, self.n_hi(k.shape[-1]), self.group)
+    def _segment(self, layer, k, v, pos, perm, protected: bool) -> VidKVSegment:
+        """Quantize entries k, v [B, H, n, D]; with 8-bit statistics, groups that will join an
+        existing segment of the layer reuse its per-channel anchors."""
+        label = self._label(protected)
+        prev = next((s for s in layer.segments if isinstance(s, VidKVSegment) and s.label == label), None)
+        ka = prev.keys.hi.anchor if prev is not None and prev.keys.hi is not None else None
+        va = getattr(prev.values, "anchor", None) if prev is not None else None
+        keys = quantize_keys(k, perm, self.n_hi(k.shape[-1]), self.group, self.stats, ka)
         if protected or self.value_bits >= 2:
-            values = quantize(v, 2, self.group, "channel")
+            values = quantize(v, 2, self.group, "channel", self.stats, va)
         else:
-            values = ternary_quantize(v, self.group)
-        return VidKVSegment(keys, values, pos, self._label(protected))
+            values = ternary_quantize(v, self.group, stats=self.stats)
+        return VidKVSegment(keys, values, pos, label)
 
     @staticmethod
     def _append(layer, seg: VidKVSegment) -> None:
@@ -384,7 +401,8 @@ class VidKV(KVPress):
         K, V, P = layer.keys, layer.values, layer.pos
         for idx, protected in ((main, False), (prot, True)):
             if idx is not None and idx.shape[1]:
-                self._append(layer, self._segment(_take(K, idx), _take(V, idx), P.gather(1, idx), perm, protected))
+                self._append(layer, self._segment(layer, _take(K, idx), _take(V, idx), P.gather(1, idx), perm,
+                                                  protected))
         rest = torch.cat([left, torch.arange(m, n, device=dev).expand(h, n - m)], 1)
         layer.set_residual(_take(K, rest), _take(V, rest), P.gather(1, rest))
 

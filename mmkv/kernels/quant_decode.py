@@ -13,6 +13,8 @@ Formats served (`mmkv.cache.quant` / `mmkv.cache.lowbit`):
   KIVI keys are one `QuantTensor`; VidKV keys are [2-bit hi channels | 1-bit FFT coordinates].
 - values: a `QuantTensor` (KIVI per-token, VidKV 2-bit per-channel) or a `TernaryTensor`
   (5 trits per byte, value = t * scale).
+Statistics are fp16, or 8-bit (`stats=8`: log8 scales for signs and trits; anchored uint8 scale
+and int8 zero codes for per-channel min-max planes), decoded in registers as the tiles load.
 The query is given in the coordinates of the stored keys (`qt`): for KIVI it is the query; for
 VidKV it is the query permuted to [hi | lo] channels with the lo part replaced by its weighted
 FFT coordinates (`VidKVKeys.transform_query`), so q.k over FFT-domain keys is one dot product
@@ -38,7 +40,7 @@ import torch
 
 from ..cache.attend import merge_partials, partial_attention
 from ..cache.lowbit import SignTensor, TernaryTensor
-from ..cache.quant import QuantTensor
+from ..cache.quant import LOG8_STEPS, SCALE8_ONE, SCALE8_STEPS, ZERO8_STEPS, QuantTensor, decode_scale
 
 try:  # triton is optional at import time: the PyTorch paths work without it
     import triton
@@ -46,6 +48,7 @@ try:  # triton is optional at import time: the PyTorch paths work without it
 except ImportError:  # pragma: no cover
     triton = None
 
+assert (LOG8_STEPS, SCALE8_STEPS, SCALE8_ONE, ZERO8_STEPS) == (8, 32, 191, 16), "the kernel hard-codes these"
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 MAX_ROWS = 64      # query rows per KV head the kernel takes (G * Lq); beyond, the PyTorch path runs
@@ -111,12 +114,10 @@ def _lut(kind, device) -> torch.Tensor:
 def _dequant_block(p, s: int, e: int) -> torch.Tensor:
     """Tokens [s, e) of a plane as fp32 [B, H, n, D]: table lookup of the packed bytes (one
     gather, no bit arithmetic) and broadcast group statistics. Same values as p.dequantize."""
-    if isinstance(p, TernaryTensor):
-        kind, zero, axis = "ternary", None, "channel"
-    elif isinstance(p, SignTensor):
-        kind, zero, axis = "sign", None, "channel"
+    if isinstance(p, (TernaryTensor, SignTensor)):
+        kind, axis = ("ternary" if isinstance(p, TernaryTensor) else "sign"), "channel"
     else:
-        kind, zero, axis = p.bits, p.zero, p.axis
+        kind, axis = p.bits, p.axis
     codes = p.codes[:, :, s:e]
     b, h, n, _ = codes.shape
     d, g = p.head_dim, p.group
@@ -126,11 +127,15 @@ def _dequant_block(p, s: int, e: int) -> torch.Tensor:
         pad = (g1 - g0) * g - n
         if pad:
             x = torch.nn.functional.pad(x, (0, 0, 0, pad))
-        x = x.reshape(b, h, g1 - g0, g, d) * p.scale[:, :, g0:g1, None, :].float()
-        if zero is not None:
-            x = x + zero[:, :, g0:g1, None, :].float()
+        x = x.reshape(b, h, g1 - g0, g, d)
+        if isinstance(p, QuantTensor):
+            sc, z = p.group_stats(g0, g1)
+            x = x * sc[:, :, :, None, :] + z[:, :, :, None, :]
+        else:
+            x = x * decode_scale(p.scale[:, :, g0:g1, None, :])
         return x.reshape(b, h, -1, d)[:, :, :n]
-    x = x.reshape(b, h, n, d // g, g) * p.scale[:, :, s:e, :, None].float() + zero[:, :, s:e, :, None].float()
+    sc, z = p.group_stats(s, e)
+    x = x.reshape(b, h, n, d // g, g) * sc[..., None] + z[..., None]
     return x.reshape(b, h, n, d)
 
 
@@ -156,9 +161,17 @@ def quant_attention_torch(qt: torch.Tensor, key_planes: list, values, scaling: f
 if triton is not None:
 
     @triton.jit
-    def _minmax_tile(C, S, Z, sc_t, ss_r, offs_n, nmask, offs_d, dim, group,
-                     BITS: tl.constexpr, AXIS: tl.constexpr):
-        """Dequantized min-max tile [BLOCK_N, BLOCK_D] (fp32): code * scale + zero."""
+    def _log8(c):
+        """log8 codes (any int dtype) -> fp32 scales: 2 ** ((c - 128) / 8), 0 for code 0."""
+        cf = c.to(tl.float32)
+        return tl.where(cf > 0, tl.exp2((cf - 128.0) * 0.125), 0.0)
+
+    @triton.jit
+    def _minmax_tile(C, S, Z, N, sc_t, ss_r, offs_n, nmask, offs_d, dim, group,
+                     BITS: tl.constexpr, AXIS: tl.constexpr, STAT8: tl.constexpr):
+        """Dequantized min-max tile [BLOCK_N, BLOCK_D] (fp32): code * scale + zero; with STAT8
+        (per-channel only, N = the anchor [2, D]: center, scale reference) scale = ref[d] *
+        2 ** ((uint8 code - 191) / 32), zero = center[d] + scale * int8 code / 16."""
         dmask = offs_d < dim
         mask = nmask[:, None] & dmask[None, :]
         byte = tl.load(C + offs_n[:, None] * sc_t + (offs_d // (8 // BITS))[None, :], mask=mask, other=0)
@@ -167,22 +180,35 @@ if triton is not None:
             sidx = (offs_n // group)[:, None] * ss_r + offs_d[None, :]
         else:          # per token, groups of channels: stats [T, dim // group]
             sidx = offs_n[:, None] * ss_r + (offs_d // group)[None, :]
-        sc = tl.load(S + sidx, mask=mask, other=0.0).to(tl.float32)
-        z = tl.load(Z + sidx, mask=mask, other=0.0).to(tl.float32)
+        if STAT8:
+            c = tl.load(S + sidx, mask=mask, other=0).to(tl.float32)
+            cen = tl.load(N + offs_d, mask=dmask, other=0.0).to(tl.float32)
+            ref = tl.load(N + dim + offs_d, mask=dmask, other=0.0).to(tl.float32)
+            sc = tl.where(c > 0, ref[None, :] * tl.exp2((c - 191.0) * 0.03125), 0.0)
+            z = cen[None, :] + sc * (tl.load(Z + sidx, mask=mask, other=0).to(tl.float32) * 0.0625)
+        else:
+            sc = tl.load(S + sidx, mask=mask, other=0.0).to(tl.float32)
+            z = tl.load(Z + sidx, mask=mask, other=0.0).to(tl.float32)
         return code.to(tl.float32) * sc + z
 
     @triton.jit
-    def _sign_tile(C, S, sc_t, ss_r, offs_n, nmask, offs_d, dim, group):
+    def _load_scale(S, sidx, mask, S8: tl.constexpr):
+        if S8:
+            return _log8(tl.load(S + sidx, mask=mask, other=0))
+        return tl.load(S + sidx, mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _sign_tile(C, S, sc_t, ss_r, offs_n, nmask, offs_d, dim, group, S8: tl.constexpr):
         """Dequantized sign tile [BLOCK_N, BLOCK_D] (fp32): (2 * bit - 1) * scale."""
         dmask = offs_d < dim
         mask = nmask[:, None] & dmask[None, :]
         byte = tl.load(C + offs_n[:, None] * sc_t + (offs_d // 8)[None, :], mask=mask, other=0)
         bit = (byte.to(tl.int32) >> (offs_d % 8)[None, :]) & 1
-        sc = tl.load(S + (offs_n // group)[:, None] * ss_r + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        sc = _load_scale(S, (offs_n // group)[:, None] * ss_r + offs_d[None, :], mask, S8)
         return (2 * bit - 1).to(tl.float32) * sc
 
     @triton.jit
-    def _ternary_tile(C, S, sc_t, ss_r, offs_n, nmask, offs_d, dim, group):
+    def _ternary_tile(C, S, sc_t, ss_r, offs_n, nmask, offs_d, dim, group, S8: tl.constexpr):
         """Dequantized ternary tile [BLOCK_N, BLOCK_D] (fp32): (digit - 1) * scale, 5 digits a byte."""
         dmask = offs_d < dim
         mask = nmask[:, None] & dmask[None, :]
@@ -190,7 +216,7 @@ if triton is not None:
         e = offs_d % 5
         pow3 = tl.where(e == 0, 1, tl.where(e == 1, 3, tl.where(e == 2, 9, tl.where(e == 3, 27, 81))))
         digit = (byte // pow3[None, :]) % 3
-        sc = tl.load(S + (offs_n // group)[:, None] * ss_r + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        sc = _load_scale(S, (offs_n // group)[:, None] * ss_r + offs_d[None, :], mask, S8)
         return (digit - 1).to(tl.float32) * sc
 
     @triton.jit
@@ -202,14 +228,15 @@ if triton is not None:
     @triton.jit
     def _quant_decode_kernel(
         Q, OP, LP,
-        K1C, K1S, K1Z, K2C, K2S, VC, VS, VZ,
-        k1c_b, k1c_h, k1c_t, k1s_b, k1s_h, k1s_r,
+        K1C, K1S, K1Z, K1N, K2C, K2S, VC, VS, VZ, VN,
+        k1c_b, k1c_h, k1c_t, k1s_b, k1s_h, k1s_r, k1n_b, k1n_h,
         k2c_b, k2c_h, k2c_t, k2s_b, k2s_h, k2s_r,
-        vc_b, vc_h, vc_t, vs_b, vs_h, vs_r,
+        vc_b, vc_h, vc_t, vs_b, vs_h, vs_r, vn_b, vn_h,
         HK, T, R, NSPLIT, chunk, k1_group, k2_group, v_group,
         D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr,
         HAS_K1: tl.constexpr, HAS_K2: tl.constexpr, K1_BITS: tl.constexpr, K1_AXIS: tl.constexpr,
         V_TERNARY: tl.constexpr, V_BITS: tl.constexpr, V_AXIS: tl.constexpr,
+        K1_S8: tl.constexpr, K2_S8: tl.constexpr, V_S8: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_F32: tl.constexpr,
     ):
@@ -228,6 +255,7 @@ if triton is not None:
             k1c = K1C + b * k1c_b + h * k1c_h
             k1s = K1S + b * k1s_b + h * k1s_h
             k1z = K1Z + b * k1s_b + h * k1s_h
+            k1n = K1N + b * k1n_b + h * k1n_h
         if HAS_K2:
             q2 = tl.load(q_rows[:, None] + D1 + offs_d2[None, :], mask=rmask[:, None] & (offs_d2 < D2)[None, :],
                          other=0.0)
@@ -236,6 +264,7 @@ if triton is not None:
         vc = VC + b * vc_b + h * vc_h
         vs = VS + b * vs_b + h * vs_h
         vz = VZ + b * vs_b + h * vs_h
+        vn = VN + b * vn_b + h * vn_h
 
         lo = sp * chunk
         hi = tl.minimum(lo + chunk, T)
@@ -247,10 +276,11 @@ if triton is not None:
             nmask = offs_n < hi
             s = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
             if HAS_K1:
-                k1 = _minmax_tile(k1c, k1s, k1z, k1c_t, k1s_r, offs_n, nmask, offs_d1, D1, k1_group, K1_BITS, K1_AXIS)
+                k1 = _minmax_tile(k1c, k1s, k1z, k1n, k1c_t, k1s_r, offs_n, nmask, offs_d1, D1, k1_group, K1_BITS,
+                                  K1_AXIS, K1_S8)
                 s += _dot(q1, tl.trans(k1), DOT_F32)
             if HAS_K2:
-                k2 = _sign_tile(k2c, k2s, k2c_t, k2s_r, offs_n, nmask, offs_d2, D2, k2_group)
+                k2 = _sign_tile(k2c, k2s, k2c_t, k2s_r, offs_n, nmask, offs_d2, D2, k2_group, K2_S8)
                 s += _dot(q2, tl.trans(k2), DOT_F32)
             s = tl.where(nmask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -258,9 +288,10 @@ if triton is not None:
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             if V_TERNARY:
-                v = _ternary_tile(vc, vs, vc_t, vs_r, offs_n, nmask, offs_dv, DV, v_group)
+                v = _ternary_tile(vc, vs, vc_t, vs_r, offs_n, nmask, offs_dv, DV, v_group, V_S8)
             else:
-                v = _minmax_tile(vc, vs, vz, vc_t, vs_r, offs_n, nmask, offs_dv, DV, v_group, V_BITS, V_AXIS)
+                v = _minmax_tile(vc, vs, vz, vn, vc_t, vs_r, offs_n, nmask, offs_dv, DV, v_group, V_BITS, V_AXIS,
+                                 V_S8)
             acc = acc * alpha[:, None] + _dot(p, v, DOT_F32)
             m_i = m_new
         l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -309,6 +340,17 @@ def _same_strides(scale: torch.Tensor, zero: torch.Tensor):
     return scale, zero
 
 
+def _anchor(p: QuantTensor, dummy: torch.Tensor):
+    """(anchor [B, H, 2, D] fp16, rows and channels contiguous, its (batch, head) strides) of an
+    8-bit-statistics plane; (dummy, (0, 0)) otherwise."""
+    if p.anchor is None:
+        return dummy, (0, 0)
+    a = p.anchor
+    if a.stride(-1) != 1 or a.stride(-2) != a.shape[-1]:
+        a = a.contiguous()
+    return a, (a.stride(0), a.stride(1))
+
+
 def _strides_bht(x: torch.Tensor) -> tuple[int, int, int]:
     if x.stride(-1) != 1:
         raise ValueError("packed planes must be contiguous along their last dim")
@@ -323,9 +365,11 @@ def quant_attention_triton(qt: torch.Tensor, key_planes: list, values, scaling: 
     qt: [B, Hq, Lq, Dk] float, the query in stored-key coordinates (Dk = sum of the planes' dims);
     key_planes: [QuantTensor] | [SignTensor] | [QuantTensor, SignTensor], each [B, Hk, T, D_i]
       (QuantTensor: codes uint8 [B, Hk, T, ceil(D_i * bits / 8)], scale/zero fp16 [B, Hk, T/g, D_i]
-      per channel or [B, Hk, T, D_i/g] per token; SignTensor: codes [B, Hk, T, ceil(D_i / 8)],
-      scale [B, Hk, T/g, D_i]);
-    values: QuantTensor or TernaryTensor (codes [B, Hk, T, ceil(Dv / 5)], scale [B, Hk, T/g, Dv]);
+      per channel or [B, Hk, T, D_i/g] per token, or with 8-bit statistics uint8 / int8
+      [B, Hk, T/g, D_i] plus an fp16 anchor [B, Hk, 2, D_i]; SignTensor: codes
+      [B, Hk, T, ceil(D_i / 8)], scale [B, Hk, T/g, D_i] fp16 or uint8 log8);
+    values: QuantTensor or TernaryTensor (codes [B, Hk, T, ceil(Dv / 5)], scale [B, Hk, T/g, Dv]
+      fp16 or uint8 log8);
     num_splits: token splits per KV head (default: about two programs per SM); block_n: tile size;
     dtype: the model's dtype (default qt's): fp32 gives IEEE fp32 dot operands, anything else fp16
       operands (tensor cores) with fp32 accumulation.
@@ -366,9 +410,11 @@ def quant_attention_triton(qt: torch.Tensor, key_planes: list, values, scaling: 
         k1c, k1s, k1z = k1.codes, *_same_strides(k1.scale, k1.zero)
         k1cs, k1ss = _strides_bht(k1c), _strides_bht(k1s)
         k1_bits, k1_axis, k1_group = k1.bits, 0 if k1.axis == "channel" else 1, k1.group
+        k1n, k1ns = _anchor(k1, dummy)
     else:
-        k1c = k1s = k1z = dummy
+        k1c = k1s = k1z = k1n = dummy
         k1cs = k1ss = z3
+        k1ns = (0, 0)
         k1_bits, k1_axis, k1_group = 8, 0, 1
     if k2 is not None:
         k2c, k2s = k2.codes, k2.scale
@@ -381,16 +427,19 @@ def quant_attention_triton(qt: torch.Tensor, key_planes: list, values, scaling: 
     vc = values.codes
     vs, vz = _same_strides(values.scale, values.zero if isinstance(values, QuantTensor) else values.scale)
     vcs, vss = _strides_bht(vc), _strides_bht(vs)
+    vn, vns = _anchor(values, dummy) if isinstance(values, QuantTensor) else (dummy, (0, 0))
     ternary = isinstance(values, TernaryTensor)
     v_bits = 2 if ternary else values.bits
     v_axis = 0 if ternary or values.axis == "channel" else 1
     block_r = _pow2(rows)
     _quant_decode_kernel[(b * hk, s)](
-        q, op, lp, k1c, k1s, k1z, k2c, k2s, vc, vs, vz,
-        *k1cs, *k1ss, *k2cs, *k2ss, *vcs, *vss,
+        q, op, lp, k1c, k1s, k1z, k1n, k2c, k2s, vc, vs, vz, vn,
+        *k1cs, *k1ss, *k1ns, *k2cs, *k2ss, *vcs, *vss, *vns,
         hk, t, rows, s, chunk, k1_group, k2_group, values.group,
         D1=d1, D2=d2, DV=dv, HAS_K1=k1 is not None, HAS_K2=k2 is not None, K1_BITS=k1_bits, K1_AXIS=k1_axis,
-        V_TERNARY=ternary, V_BITS=v_bits, V_AXIS=v_axis, BLOCK_R=block_r, BLOCK_N=block_n,
+        V_TERNARY=ternary, V_BITS=v_bits, V_AXIS=v_axis,
+        K1_S8=k1 is not None and k1.stats == 8, K2_S8=k2 is not None and k2.scale.dtype == torch.uint8,
+        V_S8=values.scale.dtype == torch.uint8, BLOCK_R=block_r, BLOCK_N=block_n,
         BLOCK_D1=_pow2(max(d1, 1)), BLOCK_D2=_pow2(max(d2, 1)), BLOCK_DV=_pow2(dv), DOT_F32=bool(dot_fp32),
         num_warps=num_warps)
     out = torch.empty(b * hk * rows, dv, device=dev, dtype=torch.float32)
