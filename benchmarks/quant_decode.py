@@ -82,7 +82,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--stat", default="median", choices=["median", "min", "cpu"],
                     help="min: min wall time; cpu: median process CPU time (use with --threads 1 on a shared CPU)")
-    ap.add_argument("--peak-gbps", type=float, default=None, help="the card's memory bandwidth, for a % column")
+    ap.add_argument("--peak-gbps", type=float, default=None, help="the card's memory bandwidth, for a %% column")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
