@@ -10,7 +10,7 @@ import torch
 from ..cache.attend import merge_partials, partial_attention
 
 
-def segment_attention(query: torch.Tensor, segment, scaling: float, block: int = 1024):
+def segment_attention(query: torch.Tensor, segment, scaling: float, block: int = 4096):
     """Attention of `query` [B, Hq, Lq, D] over one compressed segment -> (out, lse).
 
     Uses the segment's fused kernel when it has one for this device, else dequantizes

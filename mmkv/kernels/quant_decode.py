@@ -139,7 +139,7 @@ def _dequant_block(p, s: int, e: int) -> torch.Tensor:
     return x.reshape(b, h, n, d)
 
 
-def quant_attention_torch(qt: torch.Tensor, key_planes: list, values, scaling: float, block: int = 1024):
+def quant_attention_torch(qt: torch.Tensor, key_planes: list, values, scaling: float, block: int = 4096):
     """The reference's math, dequantizing at most ~`block` tokens at a time (same shapes)."""
     _check(qt, key_planes, values)
     t = values.shape[2]
@@ -455,7 +455,7 @@ def kernel_available(x: torch.Tensor) -> bool:
     return triton is not None and x.is_cuda
 
 
-def quant_attention(qt: torch.Tensor, key_planes: list, values, scaling: float, block: int = 1024,
+def quant_attention(qt: torch.Tensor, key_planes: list, values, scaling: float, block: int = 4096,
                     dtype: torch.dtype | None = None):
     """Attention over packed planes: the Triton kernel on CUDA (up to MAX_ROWS query rows per KV
     head), the block-wise PyTorch path elsewhere. Same arguments and results as the reference;
