@@ -182,11 +182,29 @@ def make_example(seed: int, num_frames: int = 256, task: str | None = None, rend
     return Example(seed, num_frames, task, QUESTIONS[task], options, answer, needles, frames)
 
 
-def write_video(path: str, frames: np.ndarray, fps: float = FPS) -> None:
-    """Write frames [T, H, W, 3] RGB uint8 to an mp4 (OpenCV, mp4v)."""
+def write_video(path: str, frames: np.ndarray, fps: float = FPS, codec: str = "mp4v") -> None:
+    """Write frames [T, H, W, 3] RGB uint8 to an mp4: codec "mp4v" (OpenCV, MPEG-4 part 2; the
+    held-out sets) or "h264" (PyAV / libx264, yuv420p, crf 12, faststart: plays in browsers)."""
+    h, w = frames.shape[1:3]
+    if codec == "h264":
+        from fractions import Fraction
+
+        import av
+
+        with av.open(path, "w", options={"movflags": "+faststart"}) as out:
+            st = out.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000),
+                                options={"crf": "12", "preset": "veryslow"})
+            st.width, st.height, st.pix_fmt = w, h, "yuv420p"
+            for f in frames:
+                for packet in st.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
+                    out.mux(packet)
+            for packet in st.encode():
+                out.mux(packet)
+        return
+    if codec != "mp4v":
+        raise ValueError(f"codec must be 'mp4v' or 'h264', got {codec!r}")
     import cv2
 
-    h, w = frames.shape[1:3]
     vw = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
     if not vw.isOpened():
         raise RuntimeError(f"cannot open a video writer for {path!r}")

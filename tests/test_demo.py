@@ -423,8 +423,8 @@ def _upload(page, path):
         if file_input.count():
             break
         if clear.count():
-            # a dispatched click: with a video the browser cannot play (the sample is MPEG-4 part 2),
-            # Gradio's player controls overlap the toolbar and would take a pointer click
+            # a dispatched click: Gradio's player controls can overlap the toolbar (e.g. with a
+            # video the browser cannot play) and would take a pointer click
             try:  # (the first may be the status tracker's own "Clear")
                 clear.last.dispatch_event("click", timeout=5_000)
             except PlaywrightTimeout:  # the player re-rendered under us (a loaded machine): look again
@@ -454,6 +454,9 @@ def test_browser_upload_ask_bad_upload_ask_again(server, browser, files):
     expect(status).to_contain_text("Ready: sample.mp4: 2:08 (256 frames at 2 fps)")
     uploaded = [p for p in _uploads(server) if p.endswith("sample.mp4")]
     assert uploaded and all(server.mmkv_uploads.contains(p) for p in uploaded)   # only in the upload folder
+    # the browser's own player can show the sample (H.264): metadata loads, no media error
+    page.wait_for_function("() => [...document.querySelectorAll('video')].some("
+                           "v => v.readyState >= 1 && !v.error && v.duration > 127)")
     q1 = "What color is the shape that appears?"
     page.locator("#mmkv-question textarea").fill(q1)
     page.locator("#mmkv-ask").click()
