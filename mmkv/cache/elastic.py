@@ -53,7 +53,8 @@ import torch
 
 from ..recipe import check, register
 from .base import KVPress
-from .scores import accumulate, attention_received, entry_scores, gather_entries, key_positions, sequence_order
+from .scores import (accumulate, attention_received, entry_scores, gather_entries, key_positions, observed_layers,
+                     sequence_order)
 
 
 def evict_count(held: int, seen: int, ratio: float) -> int:
@@ -147,15 +148,7 @@ class ElasticCache(KVPress):
 
     def compress(self, cache, ctx) -> None:
         held_total = kept_total = 0
-        for idx, layer in enumerate(cache.layers):
-            if not layer.is_initialized or layer.residual_len == 0:
-                continue
-            if layer.segments:
-                raise RuntimeError("elastic runs before quantization; put it before the quantizing press")
-            acc = ctx.state.get(self._key("scores", idx))
-            if acc is None:
-                raise RuntimeError("elastic: no attention statistics were gathered for layer "
-                                   f"{idx}; it needs the pipeline's prefill (observe) before compress")
+        for idx, layer, acc in observed_layers(cache, ctx, "elastic", lambda i: self._key("scores", i)):
             pos = layer.pos
             h, n = pos.shape
             scores = entry_scores(acc.sum(0, keepdim=True), pos)         # [H, n], the same per token

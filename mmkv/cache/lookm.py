@@ -54,7 +54,7 @@ import torch.nn.functional as F
 
 from ..recipe import check, register
 from .base import TEXT, KVPress
-from .scores import (accumulate, attention_received, entry_scores, gather_entries, key_positions,
+from .scores import (accumulate, attention_received, entry_scores, gather_entries, key_positions, observed_layers,
                      sequence_order)
 
 VARIANTS = ("pivotal", "averaged", "weighted", "none")
@@ -199,15 +199,7 @@ class LOOKM(KVPress):
 
     def compress(self, cache, ctx) -> None:
         kept_total = held_total = 0
-        for idx, layer in enumerate(cache.layers):
-            if not layer.is_initialized or layer.residual_len == 0:
-                continue
-            if layer.segments:
-                raise RuntimeError("lookm runs before quantization; put it before the quantizing press")
-            acc = ctx.state.get(self._key(idx))
-            if acc is None:
-                raise RuntimeError("lookm: no attention statistics were gathered for layer "
-                                   f"{idx}; it needs the pipeline's prefill (observe) before compress")
+        for idx, layer, acc in observed_layers(cache, ctx, "lookm", self._key):
             pos = layer.pos
             scores = entry_scores(acc, pos)                               # [H, n]
             tt = ctx.token_type.to(pos.device)

@@ -9,6 +9,8 @@ seq(j) <= seq(i)), which stays right after earlier evictions or reorderings.
 """
 from __future__ import annotations
 
+from typing import Any, Callable, Iterator
+
 import torch
 
 MAX_SCORE_ELEMENTS = 1 << 24  # fp32 score elements per block: 64 MiB (x4 on CUDA, fewer launches)
@@ -94,3 +96,20 @@ def gather_entries(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 def sequence_order(pos: torch.Tensor) -> torch.Tensor:
     """[H, n] entry indices of each head in increasing sequence index."""
     return pos.long().argsort(dim=1, stable=True)
+
+
+def observed_layers(cache, ctx, press: str, key: Callable[[int], str]) -> Iterator[tuple[int, Any, torch.Tensor]]:
+    """The layers an eviction press compresses, with the statistics its `observe` gathered:
+    (index, layer, ctx.state[key(index)]) for every initialized layer holding full-precision
+    entries. Eviction must come before quantization, and needs the pipeline's prefill: both are
+    clear errors."""
+    for idx, layer in enumerate(cache.layers):
+        if not layer.is_initialized or layer.residual_len == 0:
+            continue
+        if layer.segments:
+            raise RuntimeError(f"{press} runs before quantization; put it before the quantizing press")
+        acc = ctx.state.get(key(idx))
+        if acc is None:
+            raise RuntimeError(f"{press}: no attention statistics were gathered for layer {idx}; it needs the "
+                               "pipeline's prefill (observe) before compress")
+        yield idx, layer, acc
