@@ -41,6 +41,13 @@ def generate(video, question: str, *, model: str | None = DEFAULT_MODEL, recipe=
     key = (str(model), r.spec(), str(device), str(dtype), attn_implementation)
     pipe = _PIPELINES.get(key)
     if pipe is None:
+        if media.kind == "video":  # an image-only family fails here, before its weights load
+            from .models import ADAPTERS
+            from .models.loading import read_model_type, resolve_model
+
+            err = ADAPTERS[read_model_type(resolve_model(model))].video_error
+            if err:
+                raise InputError(err)
         _PIPELINES.clear()  # keep at most one model in memory
         pipe = _PIPELINES[key] = load(model, r, device=device, dtype=dtype, attn_implementation=attn_implementation)
     return pipe.generate(media, question, max_new_tokens=max_new_tokens, progress=progress, **kwargs)

@@ -158,6 +158,8 @@ class Pipeline:
                                                                    max_frames=max_frames, video_fps=video_fps)
         system = self.system if system is None else system
         a = self.adapter
+        if media.kind == "video" and a.video_error:
+            raise InputError(a.video_error)
         stats = Stats(recipe=str(self.recipe), model=self.model_name, frames=media.num_frames, device=str(a.device))
         report = _progress(progress)
         with peak_memory(a.device) as peak:

@@ -109,10 +109,22 @@ def test_globalcom2_run_equals_model_on_kept_tokens(next_dir, next_hf):
     torch.testing.assert_close(got, ref[:len(res.tokens)], atol=2e-4, rtol=1e-4)
 
 
-def test_video_and_unsupported_configs_are_clear(next_dir, next_hf, next_pipe):
+def test_video_and_unsupported_configs_are_clear(next_dir, next_hf, next_pipe, monkeypatch):
     frames = np.zeros((4, 56, 56, 3), dtype=np.uint8)
     with pytest.raises(InputError, match="images only"):
         next_pipe.generate(frames, QUESTION, max_new_tokens=1)
+    # mmkv.generate says so before the weights load
+    import mmkv
+    from mmkv.models import loading
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(loading, "load_adapter", no_load)
+    monkeypatch.setattr(mmkv.api, "load_adapter", no_load, raising=False)
+    mmkv.api._PIPELINES.clear()
+    with pytest.raises(InputError, match="images only"):
+        mmkv.generate(frames, QUESTION, model=next_dir)
     model, proc = next_hf
     from mmkv.models.llava_next import LlavaNextAdapter
     model.config.vision_feature_select_strategy = "full"

@@ -65,6 +65,7 @@ class Adapter:
     family: ClassVar[str] = ""
     pos_dims: ClassVar[int] = 1
     temporal_patch: ClassVar[int] = 1  # frames per temporal slot
+    video_error: ClassVar[str | None] = None  # set by families that take images only: the error to raise
 
     def __init__(self, model, processor):
         self.model = model

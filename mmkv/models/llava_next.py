@@ -28,6 +28,7 @@ class LlavaNextAdapter(Adapter):
     pos_dims = 1
     temporal_patch = 1
     placeholder = {"image": "<image>"}
+    video_error = "LLaVA-NeXT takes images only; for videos use LLaVA-OneVision, Qwen2-VL or Qwen2.5-VL"
 
     def __init__(self, model, processor):
         super().__init__(model, processor)
@@ -43,7 +44,7 @@ class LlavaNextAdapter(Adapter):
 
     # ------------------------------------------------------------------ video: not this family
     def encode_chunk(self, frames, timestamps, slot0, index0):
-        raise InputError("LLaVA-NeXT takes images only; for videos use LLaVA-OneVision, Qwen2-VL or Qwen2.5-VL")
+        raise InputError(self.video_error)
 
     def finish_video(self, parts, media):  # pragma: no cover - encode_chunk raises first
         raise InputError("LLaVA-NeXT takes images only")
