@@ -25,7 +25,7 @@ from mmkv.kernels import quant_decode as qd
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = pytest.mark.skipif(qd.triton is None, reason="triton is not installed")
 interp = pytest.mark.skipif(not INTERPRETING, reason="runs in the TRITON_INTERPRET=1 subprocess (test_interpreter_run)")
-INTERP_TESTS = "kernel_matches_reference or memory_outside or through_the_layer"  # the @interp tests (18)
+INTERP_TESTS = "kernel_matches_reference or memory_outside or through_the_layer"  # the @interp tests (22)
 
 
 def test_interpreter_run():
@@ -40,7 +40,7 @@ def test_interpreter_run():
     tail = proc.stdout[-6000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, tail
     passed = re.search(r"(\d+) passed", proc.stdout)
-    assert passed and int(passed.group(1)) == 18 and "skipped" not in proc.stdout.splitlines()[-1], tail
+    assert passed and int(passed.group(1)) == 22 and "skipped" not in proc.stdout.splitlines()[-1], tail
 
 
 def _gen(seed):
@@ -73,6 +73,7 @@ def _close(got, ref, dtype):
     (1, 3, 1, 2, 72, 9, 0, 8, "ternary", 4, 16, 16),     # key_bits = 1 (FFT signs only), Lq = 2
     (1, 2, 3, 1, 80, 13, 5, 16, "ternary", 3, 32, 8),    # 8-bit statistics (log8 scales, int8 zeros)
     (2, 1, 2, 1, 48, 11, 7, 16, "2bit", 2, 16, 8),       # 8-bit statistics, 2-bit values with anchors
+    (1, 2, 2, 1, 96, 13, 5, 32, "ternary", 2, None, 8),  # auto tile = the group (one row of statistics)
 ])
 def test_kernel_matches_reference_vidkv(case, dtype):
     b, hk, gq, lq, t, d, n_hi, group, values, splits, block_n, stats = case
@@ -90,16 +91,17 @@ def test_kernel_matches_reference_vidkv(case, dtype):
 
 @interp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("kbits,vbits,kaxis,vaxis,vgroup", [(2, 2, "channel", "token", 4),
-                                                            (4, 1, "channel", "channel", 8), (8, 4, "token", "token", 3)])
-def test_kernel_matches_reference_kivi(kbits, vbits, kaxis, vaxis, vgroup, dtype):
-    b, hk, gq, t, d, group = 1, 2, 5, 56, 12, 8
+@pytest.mark.parametrize("kbits,vbits,kaxis,vaxis,vgroup,group", [
+    (2, 2, "channel", "token", 4, 8), (4, 1, "channel", "channel", 8, 8), (8, 4, "token", "token", 3, 8),
+    (2, 2, "channel", "token", 4, 16)])   # 16: auto tile = the keys' group (one row of statistics)
+def test_kernel_matches_reference_kivi(kbits, vbits, kaxis, vaxis, vgroup, group, dtype):
+    b, hk, gq, t, d = 1, 2, 5, 64 if group == 16 else 56, 12
     g = _gen(kbits * 10 + vbits)
     k, v = torch.randn(b, hk, t, d, generator=g), torch.randn(b, hk, t, d, generator=g)
     kq = quantize(k, kbits, group if kaxis == "channel" else 4, kaxis)
     vq = quantize(v, vbits, vgroup, vaxis)
     q = torch.randn(b, hk * gq, 1, d, generator=g).to(dtype)
-    got = qd.quant_attention_triton(q, [kq], vq, 0.29, num_splits=3, block_n=16)
+    got = qd.quant_attention_triton(q, [kq], vq, 0.29, num_splits=3, block_n=None if group == 16 else 16)
     _close(got, qd.quant_attention_ref(q, [kq], vq, 0.29), dtype)
 
 
@@ -221,13 +223,20 @@ def test_kernels_compile_for_gpus():
             "K2C": "*u8", "K2S": "*fp16", "VC": "*u8", "VS": "*fp16", "VZ": "*fp16", "VN": "*fp16"}
     stats8 = {**ptrs, "K1S": "*u8", "K1Z": "*i8", "K2S": "*u8", "VS": "*u8", "VZ": "*u8"}
     vidkv = dict(D1=64, D2=64, DV=128, HAS_K1=True, HAS_K2=True, K1_BITS=2, K1_AXIS=0, V_TERNARY=True, V_BITS=2,
-                 V_AXIS=0, K1_S8=True, K2_S8=True, V_S8=True, BLOCK_R=16, BLOCK_N=64, BLOCK_D1=64, BLOCK_D2=64,
-                 BLOCK_DV=128, DOT_F32=False)
-    vidkv16 = {**vidkv, "K1_S8": False, "K2_S8": False, "V_S8": False}
-    kivi = {**vidkv16, "D1": 128, "BLOCK_D1": 128, "D2": 0, "HAS_K2": False, "V_TERNARY": False, "V_AXIS": 1}
-    for arch, cx, types in [(90, vidkv, stats8), (80, vidkv16, ptrs), (80, kivi, ptrs)]:
+                 V_AXIS=0, K1_S8=True, K2_S8=True, V_S8=True, ONE_GROUP=True, BLOCK_R=16, BLOCK_N=32,
+                 BLOCK_D1=64, BLOCK_D2=64, BLOCK_DV=128, DOT_F32=False)
+    vidkv16 = {**vidkv, "K1_S8": False, "K2_S8": False, "V_S8": False, "ONE_GROUP": False, "BLOCK_N": 64}
+    kivi = {**vidkv16, "D1": 128, "BLOCK_D1": 128, "D2": 0, "HAS_K2": False, "V_TERNARY": False, "V_AXIS": 1,
+            "ONE_GROUP": True, "BLOCK_N": 32}
+    ptx = {}
+    for name, arch, cx, types in [("vidkv8", 90, vidkv, stats8), ("vidkv8_rows", 90, {**vidkv, "ONE_GROUP": False},
+                                                                       stats8),
+                                  ("vidkv16", 80, vidkv16, ptrs), ("kivi", 80, kivi, ptrs)]:
         k = _aot_compile(qd._quant_decode_kernel, cx, types, arch)
-        assert "mma.sync" in k.asm["ptx"] or "wgmma" in k.asm["ptx"]
+        ptx[name] = k.asm["ptx"]
+        assert "mma.sync" in ptx[name] or "wgmma" in ptx[name]
+    # a tile that is one group decodes its 8-bit statistics once per channel, not once per element
+    assert ptx["vidkv8"].count("ex2.approx") < ptx["vidkv8_rows"].count("ex2.approx")
     _aot_compile(qd._reduce_kernel, dict(DV=128, BLOCK_S=64, BLOCK_DV=128),
                  {"OP": "*fp32", "LP": "*fp32", "OUT": "*fp32", "LSE": "*fp32"}, 90)
 

@@ -167,15 +167,29 @@ if triton is not None:
         return tl.where(cf > 0, tl.exp2((cf - 128.0) * 0.125), 0.0)
 
     @triton.jit
-    def _minmax_tile(C, S, Z, N, sc_t, ss_r, offs_n, nmask, offs_d, dim, group,
-                     BITS: tl.constexpr, AXIS: tl.constexpr, STAT8: tl.constexpr):
+    def _minmax_tile(C, S, Z, N, sc_t, ss_r, offs_n, nmask, offs_d, dim, group, start,
+                     BITS: tl.constexpr, AXIS: tl.constexpr, STAT8: tl.constexpr, ONE_GROUP: tl.constexpr):
         """Dequantized min-max tile [BLOCK_N, BLOCK_D] (fp32): code * scale + zero; with STAT8
         (per-channel only, N = the anchor [2, D]: center, scale reference) scale = ref[d] *
-        2 ** ((uint8 code - 191) / 32), zero = center[d] + scale * int8 code / 16."""
+        2 ** ((uint8 code - 191) / 32), zero = center[d] + scale * int8 code / 16. ONE_GROUP (per
+        channel, the tile is exactly group `start // group`): the statistics are one [BLOCK_D]
+        row, loaded and decoded once per tile and broadcast over its tokens."""
         dmask = offs_d < dim
         mask = nmask[:, None] & dmask[None, :]
         byte = tl.load(C + offs_n[:, None] * sc_t + (offs_d // (8 // BITS))[None, :], mask=mask, other=0)
         code = (byte.to(tl.int32) >> ((offs_d % (8 // BITS)) * BITS)[None, :]) & ((1 << BITS) - 1)
+        if AXIS == 0 and ONE_GROUP:
+            sidx = (start // group) * ss_r + offs_d
+            if STAT8:
+                c = tl.load(S + sidx, mask=dmask, other=0).to(tl.float32)
+                cen = tl.load(N + offs_d, mask=dmask, other=0.0).to(tl.float32)
+                ref = tl.load(N + dim + offs_d, mask=dmask, other=0.0).to(tl.float32)
+                sc = tl.where(c > 0, ref * tl.exp2((c - 191.0) * 0.03125), 0.0)
+                z = cen + sc * (tl.load(Z + sidx, mask=dmask, other=0).to(tl.float32) * 0.0625)
+            else:
+                sc = tl.load(S + sidx, mask=dmask, other=0.0).to(tl.float32)
+                z = tl.load(Z + sidx, mask=dmask, other=0.0).to(tl.float32)
+            return code.to(tl.float32) * sc[None, :] + z[None, :]
         if AXIS == 0:  # per channel, groups of tokens: stats [T // group, dim]
             sidx = (offs_n // group)[:, None] * ss_r + offs_d[None, :]
         else:          # per token, groups of channels: stats [T, dim // group]
@@ -198,17 +212,22 @@ if triton is not None:
         return tl.load(S + sidx, mask=mask, other=0.0).to(tl.float32)
 
     @triton.jit
-    def _sign_tile(C, S, sc_t, ss_r, offs_n, nmask, offs_d, dim, group, S8: tl.constexpr):
+    def _sign_tile(C, S, sc_t, ss_r, offs_n, nmask, offs_d, dim, group, start, S8: tl.constexpr,
+                   ONE_GROUP: tl.constexpr):
         """Dequantized sign tile [BLOCK_N, BLOCK_D] (fp32): (2 * bit - 1) * scale."""
         dmask = offs_d < dim
         mask = nmask[:, None] & dmask[None, :]
         byte = tl.load(C + offs_n[:, None] * sc_t + (offs_d // 8)[None, :], mask=mask, other=0)
         bit = (byte.to(tl.int32) >> (offs_d % 8)[None, :]) & 1
-        sc = _load_scale(S, (offs_n // group)[:, None] * ss_r + offs_d[None, :], mask, S8)
+        if ONE_GROUP:  # the tile is group start // group: one row of scales, decoded once
+            sc = _load_scale(S, (start // group) * ss_r + offs_d, dmask, S8)[None, :]
+        else:
+            sc = _load_scale(S, (offs_n // group)[:, None] * ss_r + offs_d[None, :], mask, S8)
         return (2 * bit - 1).to(tl.float32) * sc
 
     @triton.jit
-    def _ternary_tile(C, S, sc_t, ss_r, offs_n, nmask, offs_d, dim, group, S8: tl.constexpr):
+    def _ternary_tile(C, S, sc_t, ss_r, offs_n, nmask, offs_d, dim, group, start, S8: tl.constexpr,
+                      ONE_GROUP: tl.constexpr):
         """Dequantized ternary tile [BLOCK_N, BLOCK_D] (fp32): (digit - 1) * scale, 5 digits a byte."""
         dmask = offs_d < dim
         mask = nmask[:, None] & dmask[None, :]
@@ -216,7 +235,10 @@ if triton is not None:
         e = offs_d % 5
         pow3 = tl.where(e == 0, 1, tl.where(e == 1, 3, tl.where(e == 2, 9, tl.where(e == 3, 27, 81))))
         digit = (byte // pow3[None, :]) % 3
-        sc = _load_scale(S, (offs_n // group)[:, None] * ss_r + offs_d[None, :], mask, S8)
+        if ONE_GROUP:  # the tile is group start // group: one row of scales, decoded once
+            sc = _load_scale(S, (start // group) * ss_r + offs_d, dmask, S8)[None, :]
+        else:
+            sc = _load_scale(S, (offs_n // group)[:, None] * ss_r + offs_d[None, :], mask, S8)
         return (digit - 1).to(tl.float32) * sc
 
     @triton.jit
@@ -236,7 +258,7 @@ if triton is not None:
         D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr,
         HAS_K1: tl.constexpr, HAS_K2: tl.constexpr, K1_BITS: tl.constexpr, K1_AXIS: tl.constexpr,
         V_TERNARY: tl.constexpr, V_BITS: tl.constexpr, V_AXIS: tl.constexpr,
-        K1_S8: tl.constexpr, K2_S8: tl.constexpr, V_S8: tl.constexpr,
+        K1_S8: tl.constexpr, K2_S8: tl.constexpr, V_S8: tl.constexpr, ONE_GROUP: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_F32: tl.constexpr,
     ):
@@ -276,11 +298,12 @@ if triton is not None:
             nmask = offs_n < hi
             s = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
             if HAS_K1:
-                k1 = _minmax_tile(k1c, k1s, k1z, k1n, k1c_t, k1s_r, offs_n, nmask, offs_d1, D1, k1_group, K1_BITS,
-                                  K1_AXIS, K1_S8)
+                k1 = _minmax_tile(k1c, k1s, k1z, k1n, k1c_t, k1s_r, offs_n, nmask, offs_d1, D1, k1_group, start,
+                                  K1_BITS, K1_AXIS, K1_S8, ONE_GROUP)
                 s += _dot(q1, tl.trans(k1), DOT_F32)
             if HAS_K2:
-                k2 = _sign_tile(k2c, k2s, k2c_t, k2s_r, offs_n, nmask, offs_d2, D2, k2_group, K2_S8)
+                k2 = _sign_tile(k2c, k2s, k2c_t, k2s_r, offs_n, nmask, offs_d2, D2, k2_group, start, K2_S8,
+                                ONE_GROUP)
                 s += _dot(q2, tl.trans(k2), DOT_F32)
             s = tl.where(nmask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -288,10 +311,10 @@ if triton is not None:
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             if V_TERNARY:
-                v = _ternary_tile(vc, vs, vc_t, vs_r, offs_n, nmask, offs_dv, DV, v_group, V_S8)
+                v = _ternary_tile(vc, vs, vc_t, vs_r, offs_n, nmask, offs_dv, DV, v_group, start, V_S8, ONE_GROUP)
             else:
-                v = _minmax_tile(vc, vs, vz, vn, vc_t, vs_r, offs_n, nmask, offs_dv, DV, v_group, V_BITS, V_AXIS,
-                                 V_S8)
+                v = _minmax_tile(vc, vs, vz, vn, vc_t, vs_r, offs_n, nmask, offs_dv, DV, v_group, start, V_BITS,
+                                 V_AXIS, V_S8, ONE_GROUP)
             acc = acc * alpha[:, None] + _dot(p, v, DOT_F32)
             m_i = m_new
         l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -323,6 +346,11 @@ if triton is not None:
 
 def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(int(n)))
+
+
+def _channel_groups(key_planes, values) -> set[int]:
+    """The token-group sizes of the planes quantized per channel (groups of tokens)."""
+    return {p.group for p in [*key_planes, values] if getattr(p, "axis", "channel") == "channel"}
 
 
 def _num_splits(device, bhk: int, tiles: int) -> int:
@@ -358,7 +386,7 @@ def _strides_bht(x: torch.Tensor) -> tuple[int, int, int]:
 
 
 def quant_attention_triton(qt: torch.Tensor, key_planes: list, values, scaling: float, *,
-                           num_splits: int | None = None, block_n: int = 64, num_warps: int = 4,
+                           num_splits: int | None = None, block_n: int | None = None, num_warps: int = 4,
                            dtype: torch.dtype | None = None):
     """Launch the fused kernel. Shapes (B batch, Hk KV heads, Hq = G * Hk query heads, T tokens):
 
@@ -370,7 +398,11 @@ def quant_attention_triton(qt: torch.Tensor, key_planes: list, values, scaling: 
       [B, Hk, T, ceil(D_i / 8)], scale [B, Hk, T/g, D_i] fp16 or uint8 log8);
     values: QuantTensor or TernaryTensor (codes [B, Hk, T, ceil(Dv / 5)], scale [B, Hk, T/g, Dv]
       fp16 or uint8 log8);
-    num_splits: token splits per KV head (default: about two programs per SM); block_n: tile size;
+    num_splits: token splits per KV head (default: about two programs per SM);
+    block_n: tokens per tile (default: the planes' common per-channel group, when it is a power of
+      two in [16, 128], else 64). When a tile is exactly one group, each plane's group statistics
+      are one row per tile, loaded and decoded (8-bit codes: one exp2) once per channel instead of
+      once per element;
     dtype: the model's dtype (default qt's): fp32 gives IEEE fp32 dot operands, anything else fp16
       operands (tensor cores) with fp32 accumulation.
     Returns out [B, Hq, Lq, Dv] fp32 (normalized) and lse [B, Hq, Lq] fp32 (natural log).
@@ -397,6 +429,11 @@ def quant_attention_triton(qt: torch.Tensor, key_planes: list, values, scaling: 
     d1 = k1.head_dim if k1 is not None else 0
     d2 = k2.head_dim if k2 is not None else 0
     q = (qt.float() * (scaling * LOG2E)).contiguous()                    # [B, Hq, Lq, Dk] = [B*Hk, R, Dk]
+    groups = _channel_groups(key_planes, values)
+    if block_n is None:
+        g = next(iter(groups)) if len(groups) == 1 else 0
+        block_n = g if g in (16, 32, 64, 128) else 64
+    one_group = len(groups) == 1 and block_n in groups and block_n >= 16
     tiles = -(-t // block_n)
     s = num_splits or _num_splits(dev, b * hk, tiles)
     s = max(1, min(s, tiles, MAX_SPLITS))
@@ -439,7 +476,7 @@ def quant_attention_triton(qt: torch.Tensor, key_planes: list, values, scaling: 
         D1=d1, D2=d2, DV=dv, HAS_K1=k1 is not None, HAS_K2=k2 is not None, K1_BITS=k1_bits, K1_AXIS=k1_axis,
         V_TERNARY=ternary, V_BITS=v_bits, V_AXIS=v_axis,
         K1_S8=k1 is not None and k1.stats == 8, K2_S8=k2 is not None and k2.scale.dtype == torch.uint8,
-        V_S8=values.scale.dtype == torch.uint8, BLOCK_R=block_r, BLOCK_N=block_n,
+        V_S8=values.scale.dtype == torch.uint8, ONE_GROUP=one_group, BLOCK_R=block_r, BLOCK_N=block_n,
         BLOCK_D1=_pow2(max(d1, 1)), BLOCK_D2=_pow2(max(d2, 1)), BLOCK_DV=_pow2(dv), DOT_F32=bool(dot_fp32),
         num_warps=num_warps)
     out = torch.empty(b * hk * rows, dv, device=dev, dtype=torch.float32)
