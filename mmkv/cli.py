@@ -78,8 +78,11 @@ def _info(args) -> int:
 
     import mmkv
     from mmkv.models import supported_model_types
-    from mmkv.recipe import PRESET_DOCS, PRESETS, available
+    from mmkv.recipe import PRESET_DOCS, PRESETS, available, stage_help
 
+    if getattr(args, "name", None):
+        print(stage_help(args.name))
+        return 0
     print(f"mmkv {mmkv.__version__}  (torch {torch.__version__}, transformers {transformers.__version__}, "
           f"cuda: {torch.cuda.is_available()})")
     print("\nSupported model families (config model_type):")
@@ -88,7 +91,8 @@ def _info(args) -> int:
     print("\nPresets:")
     for name in sorted(PRESETS):
         print(f"  {name:<12} {PRESETS[name] or '(no stages)':<40} {PRESET_DOCS.get(name, '')}")
-    print("\nStages (recipe string: name, name:VALUE or name:key=value,...; join with '+'):")
+    print("\nStages (recipe string: name, name:VALUE or name:key=value,...; join with '+'; "
+          "`mmkv info NAME` lists a stage's parameters):")
     for kind, items in available().items():
         for name, doc in items:
             print(f"  [{kind:<7}] {name:<12} {doc}")
@@ -115,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     g.set_defaults(func=_generate)
 
-    i = sub.add_parser("info", help="supported models, presets and stages")
+    i = sub.add_parser("info", help="supported models, presets and stages; `mmkv info NAME`: one stage's "
+                       "parameters and defaults, or a preset's stages")
+    i.add_argument("name", nargs="?", help="a stage (e.g. vidkv) or a preset (e.g. balanced)")
     i.set_defaults(func=_info)
 
     for name, module, helptext in (("bench", "benchmarks_cli", "run benchmarks"),

@@ -255,3 +255,30 @@ def available() -> dict[str, list[tuple[str, str]]]:
         if n == cls.name:
             out[cls.kind].append((n, (cls.__doc__ or "").strip().splitlines()[0]))
     return out
+
+
+def stage_help(name: str) -> str:
+    """What `mmkv info NAME` prints: a preset's expansion, or a stage's description and every
+    parameter with its default (the `main` one is what `name:VALUE` sets)."""
+    _ensure_registered()
+    key = name.strip().lower()
+    if key in PRESETS:
+        lines = [f"preset {key}: {PRESET_DOCS.get(key, '')}".rstrip(), f"  = {PRESETS[key] or 'none (no stages)'}"]
+        for spec in filter(None, (PRESETS[key] or "").split("+")):
+            lines.append(f"  (`mmkv info {spec.partition(':')[0]}` for its parameters)")
+        return "\n".join(lines)
+    if key not in STAGES:
+        raise RecipeError(f"unknown stage or preset {name!r}. Stages: {', '.join(sorted(STAGES))}; "
+                          f"presets: {', '.join(sorted(PRESETS))}")
+    cls = STAGES[key]
+    doc = (cls.__doc__ or "").strip().splitlines()
+    lines = [f"{cls.name} ({cls.kind} stage){': ' + doc[0] if doc else ''}"]
+    if cls.aliases:
+        lines.append(f"  aliases: {', '.join(cls.aliases)}")
+    lines.append("  parameters (name:key=value,...):")
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+        main = f"   <- {cls.name}:VALUE sets it" if f.name == cls.main else ""
+        lines.append(f"    {f.name:<16} = {default!r}{main}")
+    return "\n".join(lines)

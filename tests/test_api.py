@@ -190,3 +190,15 @@ def test_console_script_runs():
         assert word in r.stdout
     r = subprocess.run(cmd + ["generate", "/no/such.mp4", "q"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.strip() == "mmkv: error: no such file: '/no/such.mp4'"
+
+
+def test_cli_info_on_one_stage_or_preset(capsys):
+    rc, out, _ = run_cli(capsys, "info", "vidkv")
+    assert rc == 0 and "vidkv (kv stage)" in out
+    assert "key_bits         = 1.5   <- vidkv:VALUE sets it" in out and "stats            = 8" in out
+    rc, out, _ = run_cli(capsys, "info", "balanced")
+    assert rc == 0 and "= evs:0.25+zipvl" in out and "mmkv info zipvl" in out
+    rc, out, _ = run_cli(capsys, "info", "look-m")  # aliases resolve to the stage
+    assert rc == 0 and out.startswith("lookm (kv stage)")
+    rc, _, err = run_cli(capsys, "info", "nope")
+    assert rc == 2 and "unknown stage or preset 'nope'" in err
