@@ -51,17 +51,31 @@ def log8_encode(x: torch.Tensor, up: bool = False) -> torch.Tensor:
     (2**-15.9 .. 2**15.9, about fp16's normal range). Relative error <= 2**(1/16) - 1 = 4.4%."""
     x = x.float()
     lg = torch.log2(x.clamp_min(1e-38)) * LOG8_STEPS
-    c = (torch.ceil(lg) if up else torch.round(lg)) + 128
-    if up:  # exp2 rounding: make sure decode(c) >= x
-        c = torch.where(torch.exp2((c - 128) / LOG8_STEPS) < x, c + 1, c)
-    c = c.clamp(1, 255)
+    c = ((torch.ceil(lg) if up else torch.round(lg)) + 128).clamp(1, 255)
+    if up:  # rounding in exp2: make sure decode(c) >= x
+        c = torch.where(log8_decode(c) < x, c + 1, c).clamp(1, 255)
     return torch.where(x > 0, c, torch.zeros_like(c)).to(torch.uint8)
 
 
+_TABLES: dict = {}
+
+
+def _table(kind: str, device) -> torch.Tensor:
+    """fp32 [256] decode tables, computed once in float64: "log8": 2 ** ((c - 128) / 8);
+    "scale8": 2 ** ((c - SCALE8_ONE) / SCALE8_STEPS); code 0 decodes to 0. A table lookup gives
+    every code the same value wherever it sits (a vectorized exp2 may differ in the last bit)."""
+    key = (kind, str(device))
+    if key not in _TABLES:
+        c = torch.arange(256, dtype=torch.float64)
+        v = torch.exp2((c - 128) / LOG8_STEPS) if kind == "log8" else torch.exp2((c - SCALE8_ONE) / SCALE8_STEPS)
+        v[0] = 0.0
+        _TABLES[key] = v.float().to(device)
+    return _TABLES[key]
+
+
 def log8_decode(c: torch.Tensor) -> torch.Tensor:
-    """uint8 log codes -> fp32 values (0 for code 0)."""
-    v = torch.exp2((c.float() - 128) / LOG8_STEPS)
-    return torch.where(c > 0, v, torch.zeros_like(v))
+    """log8 codes (uint8, or float holding integers in [0, 255]) -> fp32 values (0 for code 0)."""
+    return _table("log8", c.device)[c.long()]
 
 
 def decode_scale(scale: torch.Tensor) -> torch.Tensor:
@@ -243,8 +257,8 @@ def quantize(x: torch.Tensor, bits: int, group: int, axis: str, stats: int = 16,
 
 
 def _scale8_decode(code: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    v = ref * torch.exp2((code.float() - SCALE8_ONE) / SCALE8_STEPS)
-    return torch.where(code > 0, v, torch.zeros_like(v))
+    """Anchored scale codes (uint8, or float integers in [0, 255]) -> ref * 2 ** ((code - 191) / 32)."""
+    return ref * _table("scale8", code.device)[code.long()]
 
 
 def _quantize_stats8(x: torch.Tensor, bits: int, group: int, anchor: torch.Tensor | None) -> QuantTensor:

@@ -111,9 +111,20 @@ def _lut(kind, device) -> torch.Tensor:
     return _LUTS[key]
 
 
-def _dequant_block(p, s: int, e: int) -> torch.Tensor:
+def _channel_stats(p):
+    """(scale, zero or None) fp32 [B, H, T // group, D] of every group of a per-channel plane,
+    decoded once per attention call (1/group of the plane's elements); None for per-token planes."""
+    if isinstance(p, (TernaryTensor, SignTensor)):
+        return decode_scale(p.scale), None
+    if p.axis == "channel":
+        return p.group_stats(0, p.scale.shape[2])
+    return None
+
+
+def _dequant_block(p, s: int, e: int, stats=None) -> torch.Tensor:
     """Tokens [s, e) of a plane as fp32 [B, H, n, D]: table lookup of the packed bytes (one
-    gather, no bit arithmetic) and broadcast group statistics. Same values as p.dequantize."""
+    gather, no bit arithmetic) and broadcast group statistics (`stats`: `_channel_stats(p)`, if
+    already decoded). Same values as p.dequantize."""
     if isinstance(p, (TernaryTensor, SignTensor)):
         kind, axis = ("ternary" if isinstance(p, TernaryTensor) else "sign"), "channel"
     else:
@@ -128,11 +139,10 @@ def _dequant_block(p, s: int, e: int) -> torch.Tensor:
         if pad:
             x = torch.nn.functional.pad(x, (0, 0, 0, pad))
         x = x.reshape(b, h, g1 - g0, g, d)
-        if isinstance(p, QuantTensor):
-            sc, z = p.group_stats(g0, g1)
-            x = x * sc[:, :, :, None, :] + z[:, :, :, None, :]
-        else:
-            x = x * decode_scale(p.scale[:, :, g0:g1, None, :])
+        sc, z = stats if stats is not None else _channel_stats(p)
+        x = x * sc[:, :, g0:g1, None, :]
+        if z is not None:
+            x = x + z[:, :, g0:g1, None, :]
         return x.reshape(b, h, -1, d)[:, :, :n]
     sc, z = p.group_stats(s, e)
     x = x.reshape(b, h, n, d // g, g) * sc[..., None] + z[..., None]
@@ -146,12 +156,14 @@ def quant_attention_torch(qt: torch.Tensor, key_planes: list, values, scaling: f
     unit = _token_unit(key_planes, values)
     step = max(block // unit, 1) * unit
     q = qt.float()
+    stats = [_channel_stats(p) for p in key_planes]
+    vstats = _channel_stats(values)
     parts = []
     for s in range(0, t, step):
         e = min(t, s + step)
-        k = torch.cat([_dequant_block(p, s, e) for p in key_planes], -1) if len(key_planes) > 1 \
-            else _dequant_block(key_planes[0], s, e)
-        parts.append(partial_attention(q, k, _dequant_block(values, s, e), scaling))
+        k = torch.cat([_dequant_block(p, s, e, st) for p, st in zip(key_planes, stats)], -1) if len(key_planes) > 1 \
+            else _dequant_block(key_planes[0], s, e, stats[0])
+        parts.append(partial_attention(q, k, _dequant_block(values, s, e, vstats), scaling))
     if len(parts) == 1:
         return parts[0]
     return merge_partials(parts), torch.logsumexp(torch.stack([lse for _, lse in parts]), 0)
