@@ -76,7 +76,7 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=28, help="query heads (Qwen2.5-VL-7B: 28)")
     ap.add_argument("--kv-heads", type=int, default=4, help="KV heads (Qwen2.5-VL-7B: 4)")
     ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--presses", default="kivi:2;vidkv:stp=0;vidkv:stp=0,value_bits=2",
+    ap.add_argument("--presses", default="kivi:2;vidkv:stp=0,stats=16;vidkv:stp=0;vidkv:stp=0,value_bits=2",
                     help="';'-separated KV press specs")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=None)
