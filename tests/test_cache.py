@@ -10,6 +10,7 @@ from conftest import frames_for
 from mmkv.cache import KIVI, CompressedCache, QuantSegment, StreamingLLM, pack, quantize, unpack
 from mmkv.cache.attend import causal_mask, merge_partials, partial_attention
 from mmkv.cache.quant import log8_decode, log8_encode
+from mmkv.errors import RecipeError
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
@@ -171,6 +172,33 @@ def test_kivi_flushes_whole_groups_while_decoding():
         assert 16 <= layer.residual_len < 16 + 8 + 1
         assert layer.stored == 41 + step and layer.seen == 41 + step
     assert sorted(layer.positions()[0].tolist()) == list(range(50))
+
+
+def test_kivi_with_8bit_key_statistics():
+    """stats=8: key scale / zero one byte each against a per-channel anchor, values unchanged;
+    decode-time groups join the segment with its anchor; attention equals dense over the
+    dequantized cache."""
+    cache = _filled_cache(n_layers=1, t=150, d=16, seed=5)
+    KIVI(bits=2, group=32, residual=40, stats=8).compress(cache, None)
+    layer = cache.layers[0]
+    seg = layer.segments[0]
+    n_q, h = 96, 2
+    assert (seg.keys.scale.dtype, seg.keys.zero.dtype, seg.values.scale.dtype) == (torch.uint8, torch.int8,
+                                                                                   torch.float16)
+    codes = 2 * h * n_q * 16 * 2 // 8
+    stats = h * (n_q // 32) * 16 * 2 + h * 2 * 16 * 2 + h * n_q * 1 * 2 * 2   # keys 1+1 byte, anchor, values
+    assert seg.nbytes == codes + stats
+    for _ in range(40):  # decode: whole groups flush into the same segment, with its anchor
+        cache.update(torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16), 0)
+    assert len(layer.segments) == 1 and layer.segments[0].num_tokens == 128
+    assert layer.segments[0].keys.anchor is seg.keys.anchor
+    q = torch.randn(1, 4, 1, 16)
+    k, v = layer.dequantized(torch.float32)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                           scale=0.25)
+    torch.testing.assert_close(layer.attend(q, 0.25).transpose(1, 2), ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(RecipeError, match="1- and 2-bit"):
+        KIVI(bits=4, stats=8)
 
 
 def test_quantized_attention_matches_dequantized_reference():

@@ -69,6 +69,7 @@ RECIPES: list[tuple[str, str]] = [
     # KV quantization, against the bits per element
     ("kivi:4", "KIVI 4-bit"),
     ("kivi:2", "KIVI 2-bit"),
+    ("kivi:2,stats=8", "KIVI 2-bit, 8-bit key statistics"),
     ("vidkv", "VidKV 1.5/1.58 + STP 20%"),
     ("vidkv:stp=0", "VidKV 1.5/1.58, no STP"),
     ("vidkv:stp=0,stats=16", "VidKV 1.5/1.58, no STP, fp16 statistics (the paper's format)"),

@@ -5,8 +5,11 @@ channel), values per token (over `group` consecutive channels of each token); th
 recent tokens stay in full precision. During decoding, once the full-precision window holds
 `residual + group` tokens, its oldest whole groups are quantized and appended to the packed part.
 
-Defaults (the paper's): bits=2, group=32, residual=128. Storage per element: `bits` for the code
-plus an fp16 scale and zero per group (32 / group bits): 3 bits at the defaults.
+Defaults (the paper's): bits=2, group=32, residual=128, stats=16. Storage per element: `bits` for
+the code plus an fp16 scale and zero per group (32 / group bits): 3 bits at the defaults.
+`stats=8` (1- and 2-bit only) stores the keys' per-channel scales and zeros in a byte each
+(`quant.py`'s 8-bit statistics, as VidKV's default): keys 2.5 bits, 2.75 bits per element overall
+at bits=2; the values' per-token statistics stay fp16.
 Deviations from the official code: the official code flushes the whole key window when it reaches
 `residual` tokens and streams values one token at a time; here both flush whole groups once the
 window exceeds `residual`, so at least `residual` recent tokens are always exact. When head_dim is
@@ -35,9 +38,12 @@ class KIVI(KVPress):
     bits: int = 2
     group: int = 32
     residual: int = 128
+    stats: int = 16
 
     def validate(self):
         check(self.bits in (1, 2, 4, 8), f"kivi: bits must be 1, 2, 4 or 8, got {self.bits}")
+        check(self.stats in (8, 16), f"kivi: stats must be 8 or 16 (bits per key scale / zero), got {self.stats}")
+        check(self.stats == 16 or self.bits <= 2, f"kivi: stats=8 is for 1- and 2-bit codes, got bits={self.bits}")
         check(self.group >= 1, f"kivi: group must be >= 1, got {self.group}")
         check(self.residual >= 0, f"kivi: residual must be >= 0, got {self.residual}")
 
@@ -51,10 +57,13 @@ class KIVI(KVPress):
         if n <= 0:
             return
         k, v, pos = layer.keys[:, :, :n], layer.values[:, :, :n], layer.pos[:, :n]
-        seg = QuantSegment(quantize(k, self.bits, self.group, "channel"),
+        label = f"int{self.bits}"
+        last = layer.segments[-1] if layer.segments and layer.segments[-1].label == label else None
+        anchor = last.keys.anchor if last is not None else None  # groups added later join its segment
+        seg = QuantSegment(quantize(k, self.bits, self.group, "channel", self.stats, anchor),
                            quantize(v, self.bits, self.value_group(v.shape[-1]), "token"),
-                           pos, label=f"int{self.bits}")
-        if layer.segments and layer.segments[-1].label == seg.label:
+                           pos, label=label)
+        if last is not None:
             layer.segments = layer.segments[:-1] + [layer.segments[-1].cat(seg)]
         else:
             layer.segments = layer.segments + [seg]
