@@ -237,6 +237,9 @@ def test_kernels_compile_for_gpus():
         assert "mma.sync" in ptx[name] or "wgmma" in ptx[name]
     # a tile that is one group decodes its 8-bit statistics once per channel, not once per element
     assert ptx["vidkv8"].count("ex2.approx") < ptx["vidkv8_rows"].count("ex2.approx")
+    # codes become floats without int-to-float conversions, and trits without integer division
+    # (each u16 division was a call to a 19-instruction subroutine; 50 such conversions before)
+    assert "div.u16" not in ptx["vidkv8"] and ptx["vidkv8"].count("cvt.rn.f32.s32") < 8
     _aot_compile(qd._reduce_kernel, dict(DV=128, BLOCK_S=64, BLOCK_DV=128),
                  {"OP": "*fp32", "LP": "*fp32", "OUT": "*fp32", "LSE": "*fp32"}, 90)
 

@@ -173,6 +173,12 @@ def quant_attention_torch(qt: torch.Tensor, key_planes: list, values, scaling: f
 if triton is not None:
 
     @triton.jit
+    def _u2f(i):
+        """Exact int32 -> fp32 for 0 <= i < 2**23 without an int-to-float conversion instruction:
+        the bits of 2**23 + i, as a float, minus 2**23 (integer OR and one float subtract)."""
+        return (i | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+    @triton.jit
     def _log8(c):
         """log8 codes (any int dtype) -> fp32 scales: 2 ** ((c - 128) / 8), 0 for code 0."""
         cf = c.to(tl.float32)
@@ -201,7 +207,7 @@ if triton is not None:
             else:
                 sc = tl.load(S + sidx, mask=dmask, other=0.0).to(tl.float32)
                 z = tl.load(Z + sidx, mask=dmask, other=0.0).to(tl.float32)
-            return code.to(tl.float32) * sc[None, :] + z[None, :]
+            return _u2f(code) * sc[None, :] + z[None, :]
         if AXIS == 0:  # per channel, groups of tokens: stats [T // group, dim]
             sidx = (offs_n // group)[:, None] * ss_r + offs_d[None, :]
         else:          # per token, groups of channels: stats [T, dim // group]
@@ -215,7 +221,7 @@ if triton is not None:
         else:
             sc = tl.load(S + sidx, mask=mask, other=0.0).to(tl.float32)
             z = tl.load(Z + sidx, mask=mask, other=0.0).to(tl.float32)
-        return code.to(tl.float32) * sc + z
+        return _u2f(code) * sc + z
 
     @triton.jit
     def _load_scale(S, sidx, mask, S8: tl.constexpr):
@@ -235,7 +241,7 @@ if triton is not None:
             sc = _load_scale(S, (start // group) * ss_r + offs_d, dmask, S8)[None, :]
         else:
             sc = _load_scale(S, (offs_n // group)[:, None] * ss_r + offs_d[None, :], mask, S8)
-        return (2 * bit - 1).to(tl.float32) * sc
+        return tl.where(bit != 0, sc, -sc)
 
     @triton.jit
     def _ternary_tile(C, S, sc_t, ss_r, offs_n, nmask, offs_d, dim, group, start, S8: tl.constexpr,
@@ -245,13 +251,16 @@ if triton is not None:
         mask = nmask[:, None] & dmask[None, :]
         byte = tl.load(C + offs_n[:, None] * sc_t + (offs_d // 5)[None, :], mask=mask, other=0).to(tl.int32)
         e = offs_d % 5
-        pow3 = tl.where(e == 0, 1, tl.where(e == 1, 3, tl.where(e == 2, 9, tl.where(e == 3, 27, 81))))
-        digit = (byte // pow3[None, :]) % 3
+        # digit e of the byte in base 3 without integer division: byte // 3**e == (byte * inv) >> 16
+        # with inv = ceil(2**16 / 3**e), and q % 3 == q - 3 * ((q * 21846) >> 16), exact for bytes
+        inv = tl.where(e == 0, 65536, tl.where(e == 1, 21846, tl.where(e == 2, 7282, tl.where(e == 3, 2428, 810))))
+        q = (byte * inv[None, :]) >> 16
+        digit = q - 3 * ((q * 21846) >> 16)
         if ONE_GROUP:  # the tile is group start // group: one row of scales, decoded once
             sc = _load_scale(S, (start // group) * ss_r + offs_d, dmask, S8)[None, :]
         else:
             sc = _load_scale(S, (offs_n // group)[:, None] * ss_r + offs_d[None, :], mask, S8)
-        return (digit - 1).to(tl.float32) * sc
+        return tl.where(digit == 2, sc, tl.where(digit == 0, -sc, 0.0))
 
     @triton.jit
     def _dot(a, b, DOT_F32: tl.constexpr):
