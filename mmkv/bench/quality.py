@@ -133,8 +133,12 @@ def run(model: str, recipes: list[tuple[str, str]], rows: list[dict], data_dir: 
             pre += s.prefill_s
             dec += s.decode_s
             for k, v in s.extra.items():
-                if isinstance(v, (int, float)):
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
                     extra[k] = extra.get(k, 0) + v / len(rows)
+                elif isinstance(v, (list, tuple)) and v and all(isinstance(x, (int, float)) for x in v):
+                    acc = extra.setdefault(k, [0.0] * len(v))   # per-layer lists: the mean per layer
+                    if isinstance(acc, list) and len(acc) == len(v):
+                        extra[k] = [a + x / len(rows) for a, x in zip(acc, v)]
             if progress:
                 print(f"\r  {label}: {i + 1}/{len(rows)} acc {100 * correct / (i + 1):.1f}%", end="", flush=True)
         if progress:
