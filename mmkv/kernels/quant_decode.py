@@ -132,7 +132,7 @@ def _dequant_block(p, s: int, e: int, stats=None) -> torch.Tensor:
     codes = p.codes[:, :, s:e]
     b, h, n, _ = codes.shape
     d, g = p.head_dim, p.group
-    x = torch.nn.functional.embedding(codes.long(), _lut(kind, codes.device)).flatten(-2)[..., :d]
+    x = torch.nn.functional.embedding(codes.int(), _lut(kind, codes.device)).flatten(-2)[..., :d]
     if axis == "channel":  # s, e on group boundaries (e may end the tensor)
         g0, g1 = s // g, -(-e // g)
         pad = (g1 - g0) * g - n
