@@ -110,6 +110,26 @@ def test_8bit_statistics_extend_with_the_same_anchor():
         quantize(x, 2, 16, "channel", stats=4)
 
 
+@pytest.mark.parametrize("stats", [16, 8])
+def test_values_beyond_fp16_are_clipped_not_inf(stats):
+    """bf16 models can hold K/V beyond fp16's range; the fp16 (or fp16-anchored) statistics must
+    clip them, never overflow to inf / NaN."""
+    from mmkv.cache.lowbit import sign_quantize, ternary_quantize
+
+    x = torch.randn(1, 2, 64, 6, generator=torch.Generator().manual_seed(9)) * 10
+    x[..., 0] += 1e5
+    x[..., 1] -= 7e4
+    x = x.bfloat16()
+    clipped = x.float().clamp(-65504, 65504)
+    for q in (quantize(x, 2, 32, "channel", stats=stats), quantize(x, 1, 32, "channel", stats=stats),
+              sign_quantize(x, 32, stats), ternary_quantize(x, 32, stats=stats)):
+        r = q.dequantize(torch.float32)
+        assert torch.isfinite(r).all()
+        assert r.abs().max() <= 65504 * 1.1
+    r = quantize(x, 2, 32, "channel", stats=stats).dequantize(torch.float32)
+    assert (r[..., 2:] - clipped[..., 2:]).abs().max() < 15   # the ordinary channels are untouched
+
+
 def test_quantize_rejects_partial_groups():
     with pytest.raises(ValueError):
         quantize(torch.randn(1, 1, 30, 8), 2, 32, "channel")

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .quant import STAT_DTYPE, PackedCodes, decode_scale, log8_encode, pack, unpack
+from .quant import STAT_DTYPE, PackedCodes, _finite16, decode_scale, log8_encode, pack, unpack
 
 TRITS_PER_BYTE = 5
 _POW3 = (1, 3, 9, 27, 81)
@@ -59,7 +59,7 @@ def _groups(x: torch.Tensor, group: int) -> torch.Tensor:
     b, h, t, d = x.shape
     if group < 1 or t % group:
         raise ValueError(f"channel-wise groups need T % group == 0, got T={t}, group={group}")
-    return x.float().view(b, h, t // group, group, d)                    # reduce over dim 3
+    return _finite16(x).view(b, h, t // group, group, d)                 # reduce over dim 3
 
 
 def _expand(stat: torch.Tensor, group: int, start: int, end: int) -> torch.Tensor:

@@ -10,6 +10,8 @@ Layout: a KV tensor is [B, H, T, D] (batch, KV heads, tokens, head dim).
 Codes are packed along D, `8 // bits` codes per byte, little end first: byte = sum_i c_i << (bits * i).
 Scales and zeros are stored in fp16 and the codes are computed against the stored (rounded)
 values, so the reconstruction error of every element is at most scale / 2 (checked in tests).
+Values beyond fp16's range (+-65504, possible in bf16 models) are clipped to it first (here and
+in `lowbit`), so statistics never overflow to inf.
 
 8-bit statistics (`stats=8`, 1- and 2-bit codes in per-channel groups): at 2 bits and groups of 32 tokens, an fp16
 scale and zero cost 1 bit per element, a third of the total. With `stats=8` each costs a byte,
@@ -39,6 +41,14 @@ import torch
 
 PACKABLE_BITS = (1, 2, 4, 8)
 STAT_DTYPE = torch.float16
+FP16_MAX = 65504.0
+
+
+def _finite16(x: torch.Tensor) -> torch.Tensor:
+    """x as fp32, clipped to fp16's finite range (the statistics are fp16 or anchored to fp16):
+    keys or values beyond +-65504 (possible in bf16 models) are clipped, never turned into inf."""
+    return x.float().clamp(-FP16_MAX, FP16_MAX)
+
 LOG8_STEPS = 8       # log8 codes per octave: value = 2 ** ((code - 128) / LOG8_STEPS), code 0 = 0
 SCALE8_STEPS = 32    # anchored scale codes per octave: scale = ref * 2 ** ((code - SCALE8_ONE) / SCALE8_STEPS)
 SCALE8_ONE = 191     # the code of scale = ref (codes up to 255 give up to 4 ref)
@@ -237,7 +247,7 @@ def quantize(x: torch.Tensor, bits: int, group: int, axis: str, stats: int = 16,
         return _quantize_stats8(x, bits, group, anchor)
     b, h, t, d = x.shape
     levels = (1 << bits) - 1
-    xg = _group_view(x.float(), group, axis)
+    xg = _group_view(_finite16(x), group, axis)
     rd = _red_dim(axis)
     mn = xg.amin(rd, keepdim=True)
     mx = xg.amax(rd, keepdim=True)
@@ -246,9 +256,10 @@ def quantize(x: torch.Tensor, bits: int, group: int, axis: str, stats: int = 16,
     low = zero.float() > mn
     if low.any():
         zero = torch.where(low, torch.nextafter(zero, torch.full_like(zero, -float("inf"))), zero)
-    scale = ((mx - zero.float()) / levels).to(STAT_DTYPE)
+    scale = ((mx - zero.float()) / levels).clamp_max(FP16_MAX).to(STAT_DTYPE)
     short = zero.float() + levels * scale.float() < mx
     if short.any():
+        short &= scale.float() < FP16_MAX   # at fp16's top the range is clipped instead
         scale = torch.where(short, torch.nextafter(scale, torch.full_like(scale, float("inf"))), scale)
     s = scale.float()
     q = torch.where(s > 0, (xg - zero.float()) / s.clamp_min(1e-30), torch.zeros_like(xg))
@@ -264,7 +275,7 @@ def _scale8_decode(code: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 def _quantize_stats8(x: torch.Tensor, bits: int, group: int, anchor: torch.Tensor | None) -> QuantTensor:
     b, h, t, d = x.shape
     levels = (1 << bits) - 1
-    xf = x.float()
+    xf = _finite16(x)
     xg = _group_view(xf, group, "channel")                               # [B, H, T/g, g, D]
     mn, mx = xg.amin(3), xg.amax(3)                                      # [B, H, T/g, D]
     slack = 1.0 / ZERO8_STEPS
@@ -277,6 +288,7 @@ def _quantize_stats8(x: torch.Tensor, bits: int, group: int, anchor: torch.Tenso
     if anchor is None:
         cen = (xf.mean(2, keepdim=True) if t else xf.new_zeros(b, h, 1, d)).to(STAT_DTYPE).float()
         top = needed(cen).amax(2, keepdim=True) if t else xf.new_zeros(b, h, 1, d)
+        top = top.clamp_max(FP16_MAX)
         ref = top.to(STAT_DTYPE)
         ref = torch.where(ref.float() < top, torch.nextafter(ref, torch.full_like(ref, float("inf"))), ref)
         ref = torch.where(ref.float() > 0, ref, torch.ones_like(ref))    # all-constant channels
