@@ -325,11 +325,14 @@ def test_decode_flushes_whole_groups_with_the_layers_channels():
 
 def test_short_layers_stay_full_precision_and_validation():
     cache = _filled(n_layers=1, t=20, d=16)
-    VidKV(stp=0, group=8, residual=16).compress(cache, None)
+    ctx = PressContext(token_type=torch.zeros(20, dtype=torch.int8))
+    VidKV(stp=0, group=8, residual=16).compress(cache, ctx)
     assert cache.layers[0].segments == [] and cache.layers[0].residual_len == 20
+    # nothing quantized: no bits reported (not a misleading 0), and zero quantized entries
+    assert "vidkv_bits_per_element" not in ctx.stats and ctx.stats["vidkv_quantized_entries"] == 0
     for bad, word in [("vidkv:0.5", "key_bits"), ("vidkv:value_bits=1", "value_bits"), ("vidkv:stp=1", "stp"),
                       ("vidkv:group=0", "group"), ("vidkv:channels=token", "channels"),
-                      ("vidkv:residual=-1", "residual")]:
+                      ("vidkv:residual=-1", "residual"), ("vidkv:stats=4", "stats")]:
         with pytest.raises(RecipeError, match=word):
             Recipe.parse(bad)
     r = Recipe.parse("streaming:recent=64,decode=false+vidkv:1.25")

@@ -423,7 +423,9 @@ class VidKV(KVPress):
             segs = [s for layer in cache.layers for s in layer.segments if isinstance(s, VidKVSegment)]
             nbytes = sum(s.nbytes for s in segs)
             elems = sum(2 * math.prod(s.values.shape) for s in segs)
-            ctx.stats["vidkv_bits_per_element"] = 8 * nbytes / elems if elems else 0.0
+            if elems:  # nothing quantized (a prompt within the window): no bits to report
+                ctx.stats["vidkv_bits_per_element"] = 8 * nbytes / elems
             first = cache.layers[0].segments if cache.layers else []
+            ctx.stats["vidkv_quantized_entries"] = sum(s.num_tokens for s in first if isinstance(s, VidKVSegment))
             ctx.stats["vidkv_protected_tokens"] = sum(s.num_tokens for s in first
                                                       if isinstance(s, VidKVSegment) and s.label.endswith("stp"))
