@@ -39,7 +39,7 @@ run() {  # run NAME CMD...: its stdout to $out/NAME.md, its stderr tail on failu
   if ! "$@" > "$out/$name.md" 2> "$out/$name.err"; then
     echo "   FAILED:"; tail -5 "$out/$name.err"; status=1
   else
-    rm -f "$out/$name.err"; tail -n +1 "$out/$name.md" | head -40
+    rm -f "$out/$name.err"; head -40 "$out/$name.md"
   fi
 }
 run decode_fp16 "$py" benchmarks/quant_decode.py --contexts "$ctx" --repeats "$reps" $peakarg

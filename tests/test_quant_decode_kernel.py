@@ -199,18 +199,6 @@ def test_table_lookup_dequantization_matches_the_formats_own(fmt, stats):
         torch.testing.assert_close(qd._dequant_block(p, s, e), p.dequantize(torch.float32, s, e), atol=0, rtol=0)
 
 
-def _aot_compile(fn, constexprs: dict, pointers: dict, arch: int):
-    """Compile a @triton.jit kernel to PTX/cubin for an NVIDIA target without a GPU."""
-    import inspect
-
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    sig = {p: "constexpr" if p in constexprs else pointers.get(p, "i32") for p in inspect.signature(fn.fn).parameters}
-    return qd.triton.compile(ASTSource(fn, sig, constexprs=constexprs), target=GPUTarget("cuda", arch, 32),
-                             options={"num_warps": 4})
-
-
 @pytest.mark.skipif(INTERPRETING, reason="compiles the real kernels, not interpreted ones")
 def test_kernels_compile_for_gpus():
     """The interpreter does not type-check like the compiler: compile both kernels for sm_80 and
@@ -219,12 +207,11 @@ def test_kernels_compile_for_gpus():
         from triton.backends.compiler import GPUTarget  # noqa: F401
     except ImportError:
         pytest.skip("this triton cannot target CUDA")
-    ptrs = {"Q": "*fp32", "OP": "*fp32", "LP": "*fp32", "K1C": "*u8", "K1S": "*fp16", "K1Z": "*fp16", "K1N": "*fp16",
-            "K2C": "*u8", "K2S": "*fp16", "VC": "*u8", "VS": "*fp16", "VZ": "*fp16", "VN": "*fp16"}
-    stats8 = {**ptrs, "K1S": "*u8", "K1Z": "*i8", "K2S": "*u8", "VS": "*u8", "VZ": "*u8"}
-    vidkv = dict(D1=64, D2=64, DV=128, HAS_K1=True, HAS_K2=True, K1_BITS=2, K1_AXIS=0, V_TERNARY=True, V_BITS=2,
-                 V_AXIS=0, K1_S8=True, K2_S8=True, V_S8=True, ONE_GROUP=True, BLOCK_R=16, BLOCK_N=32,
-                 BLOCK_D1=64, BLOCK_D2=64, BLOCK_DV=128, DOT_F32=False)
+    from mmkv.kernels.aot import DECODE_POINTERS as ptrs
+    from mmkv.kernels.aot import DECODE_POINTERS_STATS8 as stats8
+    from mmkv.kernels.aot import DECODE_VIDKV8 as vidkv
+    from mmkv.kernels.aot import aot_compile
+
     vidkv16 = {**vidkv, "K1_S8": False, "K2_S8": False, "V_S8": False, "ONE_GROUP": False, "BLOCK_N": 64}
     kivi = {**vidkv16, "D1": 128, "BLOCK_D1": 128, "D2": 0, "HAS_K2": False, "V_TERNARY": False, "V_AXIS": 1,
             "ONE_GROUP": True, "BLOCK_N": 32}
@@ -232,15 +219,15 @@ def test_kernels_compile_for_gpus():
     for name, arch, cx, types in [("vidkv8", 90, vidkv, stats8), ("vidkv8_rows", 90, {**vidkv, "ONE_GROUP": False},
                                                                        stats8),
                                   ("vidkv16", 80, vidkv16, ptrs), ("kivi", 80, kivi, ptrs)]:
-        k = _aot_compile(qd._quant_decode_kernel, cx, types, arch)
+        k = aot_compile(qd._quant_decode_kernel, cx, types, arch)
         ptx[name] = k.asm["ptx"]
         assert "mma.sync" in ptx[name] or "wgmma" in ptx[name]
     # a tile that is one group decodes its 8-bit statistics once per channel, not once per element
     assert ptx["vidkv8"].count("ex2.approx") < ptx["vidkv8_rows"].count("ex2.approx")
     # codes become floats without int-to-float conversions, and trits without integer division
-    # (each u16 division was a call to a 19-instruction subroutine; 50 such conversions before)
+    # (each u16 division was a call to a subroutine; `python tools/kernel_counts.py` prints the counts)
     assert "div.u16" not in ptx["vidkv8"] and ptx["vidkv8"].count("cvt.rn.f32.s32") < 8
-    _aot_compile(qd._reduce_kernel, dict(DV=128, BLOCK_S=64, BLOCK_DV=128),
+    aot_compile(qd._reduce_kernel, dict(DV=128, BLOCK_S=64, BLOCK_DV=128),
                  {"OP": "*fp32", "LP": "*fp32", "OUT": "*fp32", "LSE": "*fp32"}, 90)
 
 

@@ -64,7 +64,7 @@ class KIVI(KVPress):
                            quantize(v, self.bits, self.value_group(v.shape[-1]), "token"),
                            pos, label=label)
         if last is not None:
-            layer.segments = layer.segments[:-1] + [layer.segments[-1].cat(seg)]
+            layer.segments = layer.segments[:-1] + [last.cat(seg)]
         else:
             layer.segments = layer.segments + [seg]
         layer.set_residual(layer.keys[:, :, n:], layer.values[:, :, n:], layer.pos[:, n:])

@@ -49,6 +49,7 @@ def _finite16(x: torch.Tensor) -> torch.Tensor:
     keys or values beyond +-65504 (possible in bf16 models) are clipped, never turned into inf."""
     return x.float().clamp(-FP16_MAX, FP16_MAX)
 
+
 LOG8_STEPS = 8       # log8 codes per octave: value = 2 ** ((code - 128) / LOG8_STEPS), code 0 = 0
 SCALE8_STEPS = 32    # anchored scale codes per octave: scale = ref * 2 ** ((code - SCALE8_ONE) / SCALE8_STEPS)
 SCALE8_ONE = 191     # the code of scale = ref (codes up to 255 give up to 4 ref)
@@ -152,10 +153,11 @@ class PackedCodes:
 
 @dataclass
 class QuantTensor(PackedCodes):
-    """A [B, H, T, D] tensor stored as packed min-max codes with fp16 scale and zero per group."""
+    """A [B, H, T, D] tensor stored as packed min-max codes with a scale and zero per group (fp16,
+    or 8-bit codes against an fp16 anchor)."""
 
     codes: torch.Tensor  # uint8 [B, H, T, ceil(D * bits / 8)]
-    scale: torch.Tensor  # fp16 (or uint8 log8 codes with stats=8), see module docstring
+    scale: torch.Tensor  # fp16 (or uint8 anchored scale codes with stats=8), see module docstring
     zero: torch.Tensor   # fp16 (or int8 codes with stats=8), same shape as scale
     bits: int
     group: int
@@ -181,7 +183,7 @@ class QuantTensor(PackedCodes):
             return s.float(), self.zero[:, :, g0:g1].float()
         a = self.anchor.float()
         sc = _scale8_decode(s, a[:, :, 1:2])
-        return sc, a[:, :, 0:1] + sc * (self.zero[:, :, g0:g1].float() / ZERO8_STEPS)
+        return sc, _zero8_decode(self.zero[:, :, g0:g1], sc, a[:, :, 0:1])
 
     def dequantize(self, dtype: torch.dtype = torch.float32, start: int = 0, end: int | None = None) -> torch.Tensor:
         """Reconstruct tokens [start, end) as [B, H, n, D] in `dtype`."""
@@ -272,6 +274,11 @@ def _scale8_decode(code: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return ref * _table("scale8", code.device)[code.long()]
 
 
+def _zero8_decode(code: torch.Tensor, scale: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+    """int8 zero codes (or float integers) -> center + scale * code / ZERO8_STEPS (fp32)."""
+    return center + scale * (code.float() / ZERO8_STEPS)
+
+
 def _quantize_stats8(x: torch.Tensor, bits: int, group: int, anchor: torch.Tensor | None) -> QuantTensor:
     b, h, t, d = x.shape
     levels = (1 << bits) - 1
@@ -304,7 +311,7 @@ def _quantize_stats8(x: torch.Tensor, bits: int, group: int, anchor: torch.Tenso
     s = _scale8_decode(code, ref)
     zc = torch.where(s > 0, torch.floor((mn - cen) * ZERO8_STEPS / s.clamp_min(1e-30)), torch.zeros_like(s))
     zc = zc.clamp(-128, 127)
-    zero = cen + s * (zc / ZERO8_STEPS)                                   # as decoded
+    zero = _zero8_decode(zc, s, cen)                                      # as decoded
     q = torch.where(s.unsqueeze(3) > 0, (xg - zero.unsqueeze(3)) / s.unsqueeze(3).clamp_min(1e-30),
                     torch.zeros_like(xg))
     q = q.round_().clamp_(0, levels).to(torch.uint8).view(b, h, t, d)

@@ -359,7 +359,7 @@ class VidKV(KVPress):
         """Quantize entries k, v [B, H, n, D]; with 8-bit statistics, groups that will join an
         existing segment of the layer reuse its per-channel anchors."""
         label = self._label(protected)
-        prev = next((s for s in layer.segments if isinstance(s, VidKVSegment) and s.label == label), None)
+        prev = self._find(layer, label)
         ka = prev.keys.hi.anchor if prev is not None and prev.keys.hi is not None else None
         va = getattr(prev.values, "anchor", None) if prev is not None else None
         keys = quantize_keys(k, perm, self.n_hi(k.shape[-1]), self.group, self.stats, ka)
@@ -370,15 +370,16 @@ class VidKV(KVPress):
         return VidKVSegment(keys, values, pos, label)
 
     @staticmethod
+    def _find(layer, label: str) -> "VidKVSegment | None":
+        """The layer's VidKV segment of that precision class, if any."""
+        return next((s for s in layer.segments if isinstance(s, VidKVSegment) and s.label == label), None)
+
+    @staticmethod
     def _append(layer, seg: VidKVSegment) -> None:
-        segs = list(layer.segments)
-        for i, s in enumerate(segs):
-            if isinstance(s, VidKVSegment) and s.label == seg.label:
-                segs[i] = s.cat(seg)
-                break
-        else:
-            segs.append(seg)
-        layer.segments = segs
+        """Join `seg` to the layer's segment of its class (a new list: snapshots stay intact)."""
+        prev = VidKV._find(layer, seg.label)
+        layer.segments = [s.cat(seg) if s is prev else s for s in layer.segments] if prev is not None \
+            else [*layer.segments, seg]
 
     def quantize_layer(self, layer, sal=None) -> None:
         """Quantize the window entries beyond the last `residual` in whole groups: protected

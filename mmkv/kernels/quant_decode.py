@@ -185,6 +185,22 @@ if triton is not None:
         return tl.where(cf > 0, tl.exp2((cf - 128.0) * 0.125), 0.0)
 
     @triton.jit
+    def _minmax_stats(S, Z, N, sidx, smask, offs_d, dmask, dim, STAT8: tl.constexpr):
+        """(scale, zero) fp32 at the statistics offsets `sidx` (a [BLOCK_D] row or a whole tile);
+        with STAT8 decoded against the anchor N [2, dim]: scale = ref * 2 ** ((code - 191) / 32),
+        zero = center + scale * int8 code / 16 (the [BLOCK_D] anchor rows broadcast)."""
+        if STAT8:
+            c = tl.load(S + sidx, mask=smask, other=0).to(tl.float32)
+            cen = tl.load(N + offs_d, mask=dmask, other=0.0).to(tl.float32)
+            ref = tl.load(N + dim + offs_d, mask=dmask, other=0.0).to(tl.float32)
+            sc = tl.where(c > 0, ref * tl.exp2((c - 191.0) * 0.03125), 0.0)
+            z = cen + sc * (tl.load(Z + sidx, mask=smask, other=0).to(tl.float32) * 0.0625)
+        else:
+            sc = tl.load(S + sidx, mask=smask, other=0.0).to(tl.float32)
+            z = tl.load(Z + sidx, mask=smask, other=0.0).to(tl.float32)
+        return sc, z
+
+    @triton.jit
     def _minmax_tile(C, S, Z, N, sc_t, ss_r, offs_n, nmask, offs_d, dim, group, start,
                      BITS: tl.constexpr, AXIS: tl.constexpr, STAT8: tl.constexpr, ONE_GROUP: tl.constexpr):
         """Dequantized min-max tile [BLOCK_N, BLOCK_D] (fp32): code * scale + zero; with STAT8
@@ -197,30 +213,14 @@ if triton is not None:
         byte = tl.load(C + offs_n[:, None] * sc_t + (offs_d // (8 // BITS))[None, :], mask=mask, other=0)
         code = (byte.to(tl.int32) >> ((offs_d % (8 // BITS)) * BITS)[None, :]) & ((1 << BITS) - 1)
         if AXIS == 0 and ONE_GROUP:
-            sidx = (start // group) * ss_r + offs_d
-            if STAT8:
-                c = tl.load(S + sidx, mask=dmask, other=0).to(tl.float32)
-                cen = tl.load(N + offs_d, mask=dmask, other=0.0).to(tl.float32)
-                ref = tl.load(N + dim + offs_d, mask=dmask, other=0.0).to(tl.float32)
-                sc = tl.where(c > 0, ref * tl.exp2((c - 191.0) * 0.03125), 0.0)
-                z = cen + sc * (tl.load(Z + sidx, mask=dmask, other=0).to(tl.float32) * 0.0625)
-            else:
-                sc = tl.load(S + sidx, mask=dmask, other=0.0).to(tl.float32)
-                z = tl.load(Z + sidx, mask=dmask, other=0.0).to(tl.float32)
-            return _u2f(code) * sc[None, :] + z[None, :]
-        if AXIS == 0:  # per channel, groups of tokens: stats [T // group, dim]
-            sidx = (offs_n // group)[:, None] * ss_r + offs_d[None, :]
-        else:          # per token, groups of channels: stats [T, dim // group]
-            sidx = offs_n[:, None] * ss_r + (offs_d // group)[None, :]
-        if STAT8:
-            c = tl.load(S + sidx, mask=mask, other=0).to(tl.float32)
-            cen = tl.load(N + offs_d, mask=dmask, other=0.0).to(tl.float32)
-            ref = tl.load(N + dim + offs_d, mask=dmask, other=0.0).to(tl.float32)
-            sc = tl.where(c > 0, ref[None, :] * tl.exp2((c - 191.0) * 0.03125), 0.0)
-            z = cen[None, :] + sc * (tl.load(Z + sidx, mask=mask, other=0).to(tl.float32) * 0.0625)
+            sc, z = _minmax_stats(S, Z, N, (start // group) * ss_r + offs_d, dmask, offs_d, dmask, dim, STAT8)
+            sc, z = sc[None, :], z[None, :]
         else:
-            sc = tl.load(S + sidx, mask=mask, other=0.0).to(tl.float32)
-            z = tl.load(Z + sidx, mask=mask, other=0.0).to(tl.float32)
+            if AXIS == 0:  # per channel, groups of tokens: stats [T // group, dim]
+                sidx = (offs_n // group)[:, None] * ss_r + offs_d[None, :]
+            else:          # per token, groups of channels: stats [T, dim // group]
+                sidx = offs_n[:, None] * ss_r + (offs_d // group)[None, :]
+            sc, z = _minmax_stats(S, Z, N, sidx, mask, offs_d, dmask, dim, STAT8)
         return _u2f(code) * sc + z
 
     @triton.jit
