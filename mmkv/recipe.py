@@ -17,61 +17,9 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 from .errors import RecipeError
-
-STAGES: dict[str, type["Stage"]] = {}
-KINDS = ("vision", "prefill", "kv")
-
-
-@dataclass
-class Stage:
-    """Base of every recipe stage. Subclasses set `name`, `kind` and optionally `main` (the field a
-    bare `name:VALUE` sets) and validate their fields in `validate()`."""
-
-    name: ClassVar[str] = ""
-    kind: ClassVar[str] = ""
-    main: ClassVar[str | None] = None
-    aliases: ClassVar[tuple[str, ...]] = ()
-
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise RecipeError on nonsensical parameters. Called on construction."""
-
-    def spec(self) -> str:
-        """The recipe-string form of this stage (only fields that differ from the defaults)."""
-        parts = []
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            default = f.default if f.default is not dataclasses.MISSING else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-            if v != default:
-                parts.append(f"{f.name}={v}")
-        return self.name + (":" + ",".join(parts) if parts else "")
-
-    def describe(self) -> str:
-        return (self.__doc__ or "").strip().splitlines()[0] if self.__doc__ else self.name
-
-
-def register(cls: type[Stage]) -> type[Stage]:
-    """Class decorator: make a Stage available by name (and aliases) in recipe strings."""
-    if cls.kind not in KINDS:
-        raise TypeError(f"{cls.__name__}.kind must be one of {KINDS}")
-    for n in (cls.name, *cls.aliases):
-        if n in STAGES and STAGES[n] is not cls:
-            raise TypeError(f"stage name {n!r} is already registered by {STAGES[n].__name__}")
-        STAGES[n] = cls
-    return cls
-
-
-def check(cond: bool, msg: str) -> None:
-    """Raise RecipeError(msg) unless cond: the one-liner stages use to validate parameters."""
-    if not cond:
-        raise RecipeError(msg)
-
+from .stages import KINDS, STAGES, Stage, check, register  # noqa: F401  (re-exported)
 
 # Named presets: recipe strings. Methods add theirs where they are defined.
 # Presets: model-independent budgets (fractions of each frame's tokens, of the attention mass),

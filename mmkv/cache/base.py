@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import torch
 
-from ..recipe import Stage
+from ..stages import Stage
 
 TEXT, VISUAL, SEPARATOR = 0, 1, 2
 

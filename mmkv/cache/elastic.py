@@ -51,7 +51,7 @@ from typing import ClassVar
 
 import torch
 
-from ..recipe import check, register
+from ..stages import check, register
 from .base import KVPress
 from .scores import (accumulate, attention_received, entry_scores, gather_entries, key_positions, observed_layers,
                      sequence_order)

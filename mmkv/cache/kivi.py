@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..recipe import check, register
+from ..stages import check, register
 from .base import KVPress
 from .core import QuantSegment
 from .quant import quantize

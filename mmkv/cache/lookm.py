@@ -52,7 +52,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..recipe import check, register
+from ..stages import check, register
 from .base import TEXT, KVPress
 from .scores import (accumulate, attention_received, entry_scores, gather_entries, key_positions, observed_layers,
                      sequence_order)

@@ -18,7 +18,7 @@ from typing import ClassVar
 
 import torch
 
-from ..recipe import check, register
+from ..stages import check, register
 from .base import KVPress
 
 

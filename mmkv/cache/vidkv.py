@@ -76,7 +76,7 @@ from typing import ClassVar, Iterator
 
 import torch
 
-from ..recipe import check, register
+from ..stages import check, register
 from .base import SEPARATOR, VISUAL, KVPress
 from .lowbit import SignTensor, TernaryTensor, sign_quantize, ternary_quantize
 from .quant import QuantTensor, quantize

@@ -8,7 +8,6 @@ Positions are 1-D; kept tokens keep their index in the uncompressed prompt.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from ..vision.base import VisualTokens

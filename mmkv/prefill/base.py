@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..recipe import Stage
+from ..stages import Stage
 
 
 @dataclass

@@ -68,7 +68,7 @@ from ..cache.base import PressContext
 from ..cache.core import QuantSegment
 from ..cache.quant import quantize, quantize_channel_separable
 from ..kernels.sparse_prefill import sparse_attention
-from ..recipe import check, register
+from ..stages import check, register
 from .base import PrefillPolicy
 
 ATTN_NAME = "zipvl"

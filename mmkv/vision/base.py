@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..recipe import Stage
+from ..stages import Stage
 
 
 @dataclass

@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..recipe import check, register
+from ..stages import check, register
 from .base import VisionContext, VisionPress, VisualTokens
 
 FIRST_FRAME_SCORE = 255.0

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
-from ..recipe import check, register
+from ..stages import check, register
 from .base import VisionContext, VisionPress, VisualTokens
 
 

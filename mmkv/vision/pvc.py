@@ -48,7 +48,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..recipe import check, register
+from ..stages import check, register
 from .base import VisionContext, VisionPress, VisualTokens
 
 UNSEEN = 2.0  # novelty of a position with no representative yet (the largest cosine distance)
