@@ -117,9 +117,12 @@ def _place_needles(rng: np.random.Generator, num_frames: int, k: int, colors: li
     return needles
 
 
-def render(num_frames: int, needles: list[Needle], rng: np.random.Generator, size: int = SIZE) -> np.ndarray:
+def render(num_frames: int, needles: list[Needle], rng: np.random.Generator, size: int = SIZE,
+           palette: dict | None = None) -> np.ndarray:
     """Frames [T, size, size, 3] uint8: noisy gray background, wandering gray distractor squares,
-    and the needles (saturated shapes, visible for their frames only)."""
+    and the needles (saturated shapes, visible for their frames only; colours from `palette`,
+    default COLORS)."""
+    palette = COLORS if palette is None else palette
     bg = int(rng.integers(50, 100))
     bank = np.clip(rng.normal(bg, 4.0, (16, size, size)), 0, 255).astype(np.uint8)  # noise frames
     gray = bank[rng.integers(0, len(bank), num_frames)]                             # [T, H, W]
@@ -142,7 +145,7 @@ def render(num_frames: int, needles: list[Needle], rng: np.random.Generator, siz
     frames = np.repeat(gray[..., None], 3, axis=3)
     for n in needles:
         for t in range(n.start, min(num_frames, n.start + n.length)):
-            _draw_shape(frames[t], n.shape, n.x, n.y, n.size, COLORS[n.color])
+            _draw_shape(frames[t], n.shape, n.x, n.y, n.size, palette[n.color])
     return frames
 
 
@@ -233,17 +236,21 @@ def write_dataset(out_dir: str, n: int, num_frames: int = 256, seed: int = 0, ta
 def main(argv=None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m mmkv.synthetic", description="Write a synthetic needle-video set.")
+    p = argparse.ArgumentParser(prog="python -m mmkv.synthetic", description="Write a synthetic needle-video set: "
+                                "the quick multiple-choice task (needle, 56 px) or the long task (112 px, three "
+                                "open questions per video, mmkv.synthetic.long).")
     p.add_argument("out_dir")
+    p.add_argument("--task", choices=["needle", "long"], default="needle")
     p.add_argument("--n", type=int, default=100)
-    p.add_argument("--frames", type=int, default=256)
+    p.add_argument("--frames", type=int, default=None, help="frames per video (default 256; long: 1024)")
     p.add_argument("--seed", type=int, default=10_000)
-    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--tasks", default=",".join(TASKS), help="needle task only: question types, round-robin")
     a = p.parse_args(argv)
-    path = write_dataset(a.out_dir, a.n, a.frames, a.seed, tuple(a.tasks.split(",")))
+    if a.task == "long":
+        from .long import write_long_dataset
+
+        path = write_long_dataset(a.out_dir, a.n, a.frames or 1024, a.seed)
+    else:
+        path = write_dataset(a.out_dir, a.n, a.frames or 256, a.seed, tuple(a.tasks.split(",")))
     print(f"wrote {a.n} videos and {path}")
     return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
