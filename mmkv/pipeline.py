@@ -288,7 +288,21 @@ class Pipeline:
             progress: bool | ProgressFn = False, output_scores: bool = False) -> Result:
         """Answer `question` about an encoded video. With reuse=False the encoding's cache is
         consumed (no copy; the encoding cannot be asked again). `output_scores=True` keeps the
-        logits of every generated position in `result.scores` ([vocab] fp32 tensors)."""
+        logits of every generated position in `result.scores` ([vocab] fp32 tensors).
+        For follow-up questions that see the earlier answers, use `chat(encoded)`."""
+        return self._ask(encoded, question, None, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, reuse=reuse,
+                         on_text=on_text, progress=progress, output_scores=output_scores)
+
+    def chat(self, encoded: Encoded) -> "Conversation":
+        """A conversation over an encoded video: `conv.ask(q1)`, then `conv.ask(q2)` sees q1 and its
+        answer. The recipe's ask-time KV presses compress once, after the first question's
+        prefill; later questions and answers run over that cache. The encoding is not modified."""
+        return Conversation(self, encoded)
+
+    def _ask(self, encoded: Encoded, question: str, session: "_Session | None", *, max_new_tokens: int,
+             do_sample: bool, temperature: float, top_k: int, top_p: float, seed: int | None, reuse: bool,
+             on_text, progress, output_scores: bool) -> Result:
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         if do_sample and not temperature > 0:
@@ -298,32 +312,51 @@ class Pipeline:
         a = self.adapter
         report = _progress(progress)
         stats = replace(encoded.stats, visual_tokens=list(encoded.stats.visual_tokens), extra=dict(encoded.stats.extra))
-        suffix = a.suffix(question, encoded.kind, encoded.prefix.next_text_position, encoded.system)
-        # generated tokens continue after the largest prompt position (as transformers' rope_deltas do)
-        next_position = max(encoded.prefix.max_position, suffix.max_position) + 1
-        q_emb = a.embed(suffix.ids)
+        follow_up = session is not None and session.cache is not None
+        if follow_up:
+            # the answer's unfed last token (when it ended on max_new_tokens), then the next turn
+            start_pos = session.position + len(session.pending)
+            turn = a.next_turn(question, encoded.kind, start_pos, encoded.system)
+            ids = torch.cat([torch.tensor(session.pending, dtype=torch.long), turn.ids])
+            positions = torch.arange(session.position, start_pos + len(turn.ids)).expand(a.pos_dims, -1).clone()
+            next_position = start_pos + len(turn.ids)
+        else:
+            suffix = a.suffix(question, encoded.kind, encoded.prefix.next_text_position, encoded.system)
+            # generated tokens continue after the largest prompt position (as transformers' rope_deltas do)
+            next_position = max(encoded.prefix.max_position, suffix.max_position) + 1
+            ids, positions = suffix.ids, suffix.positions
+        q_emb = a.embed(ids)
         with peak_memory(a.device) as peak:
             with Timer(a.device) as t_pre:
-                if encoded.deferred:
-                    cache = CompressedCache(a.num_layers)
-                    cache.set_fused(True)
-                    embeds = torch.cat([encoded.embeds, q_emb])
-                    positions = torch.cat([encoded.prefix.positions[:, encoded.keep], suffix.positions], 1)
+                if follow_up:
+                    cache, pctx = session.cache, session.pctx
+                    start = len(pctx.token_type)
+                    pctx.token_type = torch.cat([pctx.token_type, torch.full((len(ids),), TEXT, dtype=torch.int8)])
+                    pctx.question, pctx.question_embeds, pctx.compress = (start, start + len(ids)), q_emb, False
+                    embeds = q_emb
+                    token_type = pctx.token_type
+                    logits = self._prefill(cache, embeds, positions, pctx, report)
                 else:
-                    cache = encoded.cache.clone() if reuse else encoded.cache
-                    embeds, positions = q_emb, suffix.positions
-                token_type = torch.cat([encoded.token_type, torch.full((len(suffix.ids),), TEXT, dtype=torch.int8)])
-                start = encoded.prefix_len
-                pctx = self._press_ctx(token_type, question=(start, start + len(suffix.ids)), question_embeds=q_emb,
-                                       visual_embeds=encoded.visual.embeds)
-                pctx.stats.update(encoded.prefill_state.get("stats", {}))
-                pctx.state.update(encoded.prefill_state.get("state", {}))
-                record = len(suffix.ids) if any(p.query_aware for p in self.kv_ask) else 0
-                logits = self._prefill(cache, embeds, positions, pctx, report, record=record)
-                for p in self.kv_ask:
-                    p.compress(cache, pctx)
+                    if encoded.deferred:
+                        cache = CompressedCache(a.num_layers)
+                        cache.set_fused(True)
+                        embeds = torch.cat([encoded.embeds, q_emb])
+                        positions = torch.cat([encoded.prefix.positions[:, encoded.keep], positions], 1)
+                    else:
+                        cache = encoded.cache.clone() if (reuse or session is not None) else encoded.cache
+                        embeds = q_emb
+                    token_type = torch.cat([encoded.token_type, torch.full((len(ids),), TEXT, dtype=torch.int8)])
+                    start = encoded.prefix_len
+                    pctx = self._press_ctx(token_type, question=(start, start + len(ids)), question_embeds=q_emb,
+                                           visual_embeds=encoded.visual.embeds)
+                    pctx.stats.update(encoded.prefill_state.get("stats", {}))
+                    pctx.state.update(encoded.prefill_state.get("state", {}))
+                    record = len(ids) if any(p.query_aware for p in self.kv_ask) else 0
+                    logits = self._prefill(cache, embeds, positions, pctx, report, record=record)
+                    for p in self.kv_ask:
+                        p.compress(cache, pctx)
                 pctx.queries = {}
-            if not reuse:
+            if not reuse and session is None:
                 encoded.consumed, encoded.cache = True, None
             stats.kv_len_per_layer = cache.lengths()
             stats.kv_bytes, stats.kv_bytes_fp16 = cache.nbytes(), cache.fp16_bytes()
@@ -331,9 +364,13 @@ class Pipeline:
             stats.prompt_tokens = len(token_type)
             with Timer(a.device) as t_dec:
                 scores: list | None = [] if output_scores else None
-                tokens = self._decode(cache, logits, next_position, pctx, max_new_tokens, do_sample,
-                                      temperature, top_k, top_p, seed, on_text, report, scores)
-        stats.prefill_s += t_pre.seconds
+                tokens, fed = self._decode(cache, logits, next_position, pctx, max_new_tokens, do_sample,
+                                           temperature, top_k, top_p, seed, on_text, report, scores)
+        if session is not None:
+            session.cache, session.pctx = cache, pctx
+            session.position = next_position + fed
+            session.pending = tokens[fed:]
+        stats.prefill_s = (0.0 if follow_up else stats.prefill_s) + t_pre.seconds
         stats.decode_s = t_dec.seconds
         stats.new_tokens = len(tokens)
         stats.peak_memory_bytes = max(stats.peak_memory_bytes, peak["bytes"])
@@ -344,7 +381,9 @@ class Pipeline:
         return Result(text=text.strip(), stats=stats, tokens=tokens, note=self.note, scores=scores)
 
     def _decode(self, cache, logits, position, pctx, max_new_tokens, do_sample, temperature, top_k, top_p, seed,
-                on_text, report, scores=None) -> list[int]:
+                on_text, report, scores=None) -> tuple[list[int], int]:
+        """Generated tokens, and how many of them were fed back into the cache (all but the last,
+        unless generation ended on a stop token)."""
         stop = self.adapter.stop_ids()
         gen = torch.Generator(device="cpu").manual_seed(seed) if (do_sample and seed is not None) else None
         detok = _Detokenizer(self.adapter.tokenizer) if on_text else None
@@ -354,7 +393,7 @@ class Pipeline:
                 scores.append(logits[0].cpu())
             tok = _select(logits[0], do_sample, temperature, top_k, top_p, gen)
             if tok in stop:
-                break
+                return tokens, len(tokens)
             tokens.append(tok)
             if detok is not None:
                 delta = detok.add(tok)
@@ -362,12 +401,12 @@ class Pipeline:
                     on_text(delta)
             report("decode", step + 1, max_new_tokens)
             if step == max_new_tokens - 1:
-                break
+                return tokens, len(tokens) - 1
             pctx.token_type = torch.cat([pctx.token_type, torch.tensor([TEXT], dtype=torch.int8)])
             logits = self._step(cache, tok, position + step, pctx)
             for p in self._decode_hooks:
                 p.on_decode(cache, pctx, step)
-        return tokens
+        return tokens, len(tokens)
 
     # ------------------------------------------------------------------ one call
     def generate(self, video, question: str, *, frames: int | None = None, fps: float | None = None,
@@ -381,6 +420,40 @@ class Pipeline:
         enc = self.encode(video, frames=frames, fps=fps, max_frames=max_frames, video_fps=video_fps, system=system,
                           progress=progress, prefill=bool(self.kv_encode))
         return self.ask(enc, question, reuse=False, progress=progress, **ask_kwargs)
+
+
+@dataclass
+class _Session:
+    """A conversation's state: its cache (with the earlier turns), the press context, the next
+    position, and the answer tokens not yet fed into the cache."""
+
+    cache: CompressedCache | None = None
+    pctx: PressContext | None = None
+    position: int = 0
+    pending: list = field(default_factory=list)
+
+
+class Conversation:
+    """Questions and answers in one conversation over an encoded video (`Pipeline.chat`)."""
+
+    def __init__(self, pipeline: Pipeline, encoded: Encoded):
+        self.pipeline, self.encoded = pipeline, encoded
+        self._session = _Session()
+        self.turns: list[tuple[str, Result]] = []
+
+    @torch.inference_mode()
+    def ask(self, question: str, **kwargs) -> Result:
+        """Answer `question` with the earlier questions and answers in context. Takes ask()'s
+        generation arguments (max_new_tokens, do_sample, temperature, on_text, ...)."""
+        kw = dict(max_new_tokens=64, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, seed=None,
+                  on_text=None, progress=False, output_scores=False)
+        unknown = set(kwargs) - set(kw)
+        if unknown:
+            raise TypeError(f"Conversation.ask() got unexpected arguments: {', '.join(sorted(unknown))}")
+        kw.update(kwargs)
+        r = self.pipeline._ask(self.encoded, question, self._session, reuse=True, **kw)
+        self.turns.append((question, r))
+        return r
 
 
 def _select(logits: torch.Tensor, do_sample, temperature, top_k, top_p, gen) -> int:

@@ -93,3 +93,28 @@ def test_positions_are_the_models_own(family, pipes, hf_models):
         want = model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
                                           video_grid_thw=inputs["video_grid_thw"], **extra)[0][:, 0]
     assert torch.equal(got, want)
+
+
+def test_conversation_matches_plain_generate(family, hf_models, pipes):
+    """chat(): the second question sees the first question and its answer: its tokens equal plain
+    greedy generate over [video, question 1, answer 1, the template's turn text, question 2]; the
+    first answer equals ask(); the encoding is left as it was."""
+    model, proc = hf_models[family]
+    pipe = pipes[family]
+    video = frames_for(family, n=6, seed=8)
+    enc = pipe.encode(video)
+    conv = pipe.chat(enc)
+    r1 = conv.ask(QUESTION, max_new_tokens=5)
+    assert r1.tokens == pipe.ask(enc, QUESTION, max_new_tokens=5).tokens
+    r2 = conv.ask("And then?", max_new_tokens=6)
+    inputs = hf_inputs(family, proc, QUESTION, video=video)
+    turn = pipe.adapter.next_turn("And then?", "video", 0)
+    extra = torch.tensor([r1.tokens + turn.ids.tolist()])
+    inputs["input_ids"] = torch.cat([inputs["input_ids"], extra], 1)
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    if "mm_token_type_ids" in inputs:
+        inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(extra)], 1)
+    ref = hf_greedy(model, inputs, 6)
+    assert r2.tokens == strip_eos(ref, pipe.adapter.stop_ids())
+    assert [q for q, _ in conv.turns] == [QUESTION, "And then?"]
+    assert pipe.ask(enc, QUESTION, max_new_tokens=5).tokens == r1.tokens   # the encoding is untouched

@@ -20,6 +20,7 @@ from ..vision.base import VisualTokens
 
 ADAPTERS: dict[str, type["Adapter"]] = {}
 _SENTINEL = "\u2063MMKV_QUESTION\u2063"
+_SENTINELS = tuple(f"\u2063MMKV_TURN{i}\u2063" for i in range(3))
 
 
 def register_adapter(cls: type["Adapter"]) -> type["Adapter"]:
@@ -145,6 +146,36 @@ class Adapter:
                                  "in the user turn; mmkv cannot split it")
             self._templates[key] = tuple(text.split(_SENTINEL))
         return self._templates[key]
+
+    def _turn_template(self, kind: str, system: str | None) -> str:
+        """The text that follows an assistant answer and opens the next question (the end of the
+        assistant turn, then the user turn's header), from the chat template itself: a
+        conversation [user: media + S0, assistant: S1, user: S2] split at the sentinels."""
+        key = ("turn", kind, system)
+        if key not in self._templates:
+            msgs = [] if system is None else [{"role": "system", "content": system}]
+            msgs += [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": _SENTINELS[0]}]},
+                     {"role": "assistant", "content": _SENTINELS[1]},
+                     {"role": "user", "content": [{"type": "text", "text": _SENTINELS[2]}]}]
+            text = self.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+            if any(text.count(s) != 1 for s in _SENTINELS):
+                raise ModelError(f"{self.family}: the chat template does not render a follow-up question; "
+                                 "mmkv cannot continue the conversation")
+            between = text.split(_SENTINELS[1])[1].split(_SENTINELS[2])[0]
+            self._templates[key] = between
+        return self._templates[key]
+
+    def next_turn(self, question: str, kind: str, start: int, system: str | None = None) -> Prompt:
+        """A follow-up question after an answer: the end of the assistant turn (the stop token the
+        answer ended on, which generation does not feed back), the next user turn with `question`,
+        and the assistant header; positions continue from `start`."""
+        if not isinstance(question, str) or not question.strip():
+            from ..errors import InputError
+            raise InputError("the question is empty; ask something about the video")
+        text = self._turn_template(kind, system) + question + self._split_template(kind, system)[1]
+        ids = torch.tensor(self._tokenize(text), dtype=torch.long)
+        pos = torch.arange(start, start + len(ids)).expand(self.pos_dims, -1).clone()
+        return Prompt(ids, pos, torch.zeros(len(ids), dtype=torch.bool))
 
     def _tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
