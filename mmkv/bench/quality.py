@@ -1,5 +1,21 @@
 """Quality benchmark: accuracy against compression on held-out synthetic needle videos.
 
+Two tasks (`--task`):
+- `needle` (default, the quick one): the multiple-choice needle task (mmkv.synthetic), 56 px
+  videos of 256 frames, the bundled `mmkv-tiny`; described below.
+- `long`: task v2 (mmkv.synthetic.long), 112 px videos of 256-2,048+ frames (8K+ visual
+  tokens at 1,024), three open questions per video, protocols `encode`, `ask` and `multiturn`,
+  paired 95% intervals; the bundled `mmkv-long` (mmkv/bench/long.py).
+
+    mmkv bench quality --task long --frames 1024 --protocol encode --n 200 --recipes 'none;kivi:2' --json out.json
+
+`--json FILE` writes a JSON list with one object per recipe: `recipe`, `protocol`, `task`,
+`frames`, `n` (questions), `accuracy`, `delta` (points against the uncompressed row, on the same
+questions), `ci_low` / `ci_high` (its paired 95% bootstrap interval over videos),
+`visual_kept_fraction`, `kv_bytes_ratio` (stored bytes over the model's own uncompressed cache of
+the same prompt, vision pruning included), `bits_per_element` (stored bits per element held),
+`prefill_s`, `decode_s`, and `skipped` (why a recipe cannot run under the protocol, else null).
+
 One run, one table: for the uncompressed model and every recipe below, the accuracy on the
 same held-out videos, next to the visual tokens kept, the KV bytes stored (and bits per element),
 and prefill / decode time, all measured on the same run.
@@ -107,6 +123,7 @@ def dataset(data_dir: str, n: int, frames: int, seed: int) -> list[dict]:
 
 def run(model: str, recipes: list[tuple[str, str]], rows: list[dict], data_dir: str, progress=True,
         compress_at: str = "encode") -> list[dict]:
+    """The needle task: every recipe on the same held-out rows (one question per video)."""
     import mmkv
     from ..evaluation.answers import extract
     from ..evaluation.prompts import videomme_prompt
@@ -117,6 +134,7 @@ def run(model: str, recipes: list[tuple[str, str]], rows: list[dict], data_dir: 
         pipe = base.with_recipe(spec)
         correct, kept, total_vis, kv, kv16, pre, dec, extra = 0, 0, 0, 0, 0, 0.0, 0.0, {}
         by_task: dict[str, list[int]] = {}
+        outcomes: list[int] = []
         t0 = time.perf_counter()
         for i, row in enumerate(rows):
             video = os.path.join(data_dir, f"{row['videoID']}.mp4")
@@ -124,6 +142,7 @@ def run(model: str, recipes: list[tuple[str, str]], rows: list[dict], data_dir: 
                                 max_new_tokens=4)
             ok = int(extract(res.text) == row["answer"])
             correct += ok
+            outcomes.append(ok)
             by_task.setdefault(row["task_type"], []).append(ok)
             s = res.stats
             kept += s.visual_tokens_kept
@@ -147,7 +166,28 @@ def run(model: str, recipes: list[tuple[str, str]], rows: list[dict], data_dir: 
                     "by_task": {k: sum(v) / len(v) for k, v in by_task.items()},
                     "visual_kept": kept / max(total_vis, 1), "kv_ratio": kv / max(kv16, 1),
                     "bits_per_element": 16 * kv / max(kv16, 1), "prefill_s": pre / len(rows),
-                    "decode_s": dec / len(rows), "extra": extra})
+                    "decode_s": dec / len(rows), "extra": extra, "outcomes": outcomes})
+    return out
+
+
+def contract(results: list[dict], rows: list[dict], frames: int, protocol: str) -> list[dict]:
+    """The needle results as `--json` objects (the same keys as the long task)."""
+    from .stats import interval, paired_interval
+
+    vids = [r["videoID"] for r in rows]
+    base = next((r for r in results if r["recipe"] == "none"), None)
+    b = {v: [o] for v, o in zip(vids, base["outcomes"])} if base else None
+    out = []
+    for r in results:
+        o = {v: [x] for v, x in zip(vids, r["outcomes"])}
+        acc, lo_a, hi_a = interval(o)
+        d, lo, hi = paired_interval(o, b) if b else (None, None, None)
+        out.append({"recipe": r["recipe"], "label": r["label"], "protocol": protocol, "task": "needle",
+                    "frames": frames, "n": r["n"], "videos": r["n"], "accuracy": r["accuracy"],
+                    "accuracy_ci": [lo_a / 100, hi_a / 100], "delta": d, "ci_low": lo, "ci_high": hi,
+                    "visual_kept_fraction": r["visual_kept"], "kv_bytes_ratio": r["kv_ratio"],
+                    "bits_per_element": r["bits_per_element"], "prefill_s": r["prefill_s"],
+                    "decode_s": r["decode_s"], "skipped": None, "by_kind": r["by_task"], "extra": r["extra"]})
     return out
 
 
@@ -168,30 +208,67 @@ def table(results: list[dict]) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="mmkv-tiny")
-    p.add_argument("--frames", type=int, default=256, help="frames per held-out video")
-    p.add_argument("--n", type=int, default=100, help="held-out videos")
-    p.add_argument("--seed", type=int, default=HELD_OUT_SEED)
+    p.add_argument("--task", default="needle", choices=["needle", "long"],
+                   help="needle: the quick multiple-choice task (default); long: task v2, three open questions "
+                        "per video, 8K+ visual tokens at 1,024 frames")
+    p.add_argument("--model", default=None, help="default: mmkv-tiny (needle), mmkv-long (long)")
+    p.add_argument("--frames", type=int, default=None, help="frames per held-out video (default 256; long: 1024)")
+    p.add_argument("--n", type=int, default=None, help="held-out videos (default 100; long: 200, 600 questions)")
+    p.add_argument("--seed", type=int, default=HELD_OUT_SEED, help="first held-out seed (any seed works)")
     p.add_argument("--recipes", default=None,
                    help="recipes separated by ';' (default: the built-in list), e.g. 'none;kivi:2;lookm+vidkv'")
     p.add_argument("--data-dir", default=None, help="where the held-out mp4s are cached")
-    p.add_argument("--json", default=None, help="also write the results here")
-    p.add_argument("--compress-at", default="encode", choices=["encode", "ask"],
-                   help="when query-agnostic KV presses compress (see below); default: encode")
+    p.add_argument("--json", default=None, help="write the results here: a JSON list, one object per recipe")
+    p.add_argument("--protocol", default=None, choices=["encode", "ask", "multiturn"],
+                   help="encode: compress before any question; ask: compress after each question's prefill; "
+                        "multiturn (long task): one conversation, compressed after question 1. Default: encode")
+    p.add_argument("--compress-at", default=None, choices=["encode", "ask"], help=argparse.SUPPRESS)
+    p.add_argument("--time-limit", type=float, default=0, help="long task: stop after this many minutes "
+                   "(resume later with the same command)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="show per-recipe progress (--no-progress for logs)")
 
 
 def main(args) -> int:
+    from ..errors import InputError
     from ..models.loading import CACHE_DIR
 
-    data_dir = args.data_dir or os.path.join(CACHE_DIR, f"needle_heldout_{args.frames}_{args.seed}")
-    rows = dataset(data_dir, args.n, args.frames, args.seed)
+    protocol = args.protocol or args.compress_at or "encode"
+    if args.task == "needle" and protocol == "multiturn":
+        raise InputError("the needle task has one question per video; multiturn is for --task long")
+    if args.task == "long":
+        return _main_long(args, protocol)
+    frames, n, model = args.frames or 256, args.n or 100, args.model or "mmkv-tiny"
+    data_dir = args.data_dir or os.path.join(CACHE_DIR, f"needle_heldout_{frames}_{args.seed}")
+    rows = dataset(data_dir, n, frames, args.seed)
     recipes = RECIPES if not args.recipes else [(r.strip(), r.strip()) for r in args.recipes.split(";") if r.strip()]
-    print(f"model {args.model}; {len(rows)} held-out videos of {args.frames} frames (seed {args.seed}); data {data_dir}")
-    results = run(args.model, recipes, rows, data_dir, progress=args.progress, compress_at=args.compress_at)
+    print(f"model {model}; {len(rows)} held-out videos of {frames} frames (seed {args.seed}); data {data_dir}")
+    results = run(model, recipes, rows, data_dir, progress=args.progress, compress_at=protocol)
     print(table(results))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": args.model, "frames": args.frames, "n": len(rows), "results": results}, f, indent=1)
+            json.dump(contract(results, rows, frames, protocol), f, indent=1)
+    return 0
+
+
+def _main_long(args, protocol: str) -> int:
+    from ..models.loading import CACHE_DIR
+    from . import long
+
+    frames, n, model = args.frames or 1024, args.n or 200, args.model or long.DEFAULT_MODEL
+    data_dir = args.data_dir or os.path.join(CACHE_DIR, f"long_heldout_{frames}_{args.seed}")
+    videos = long.dataset(data_dir, n, frames, args.seed)
+    recipes = long.RECIPES if not args.recipes else [(r.strip(), r.strip()) for r in args.recipes.split(";")
+                                                      if r.strip()]
+    records = (args.json + ".records.jsonl") if args.json else os.path.join(data_dir, f"records_{protocol}.jsonl")
+    print(f"model {model}; {len(videos)} held-out videos of {frames} frames, {3 * len(videos)} questions "
+          f"(seed {args.seed}); protocol {protocol}; data {data_dir}; records {records}")
+    t0 = time.perf_counter()
+    results = long.run(model, recipes, videos, data_dir, protocol, frames, records, progress=args.progress,
+                       limit_s=60 * args.time_limit)
+    print(long.table(results))
+    print(f"wall time {time.perf_counter() - t0:.0f} s (this invocation)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
     return 0

@@ -35,9 +35,19 @@ def bundled_model_path() -> str:
     return path
 
 
+# Other checkpoints shipped in mmkv/assets, by name: the benchmark models (docs/model.md).
+BUNDLED = ("mmkv-long", "mmkv-hires")
+
+
 def resolve_model(model: str | None) -> str:
     if model is None or model == DEFAULT_MODEL:
         return bundled_model_path()
+    if model in BUNDLED:
+        path = os.path.join(ASSETS, model)
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ModelError(f"the bundled model {model!r} is not in this installation ({path}); train it with "
+                             f"the script named in docs/model.md")
+        return path
     return os.fspath(model)
 
 

@@ -97,13 +97,14 @@ def build_tiny(family: str, out_dir: str, **kwargs) -> str:
 def make_tiny(family: str, *, shape: str = "tiny", seed: int = 0, corpus=None, vocab_size: int = 400,
               split_lines: bool = False,
               text_overrides: dict | None = None, vision_overrides: dict | None = None, image_size: int = 56,
-              max_pixels: int = 112 * 112, min_pixels: int = 56 * 56):
+              max_pixels: int = 112 * 112, min_pixels: int = 56 * 56, rope_theta: float = 10000.0):
     """A random-init (model, processor) of `family`, not saved.
 
     `shape` picks the decoder size ("tiny" or "0.5b"); `text_overrides` / `vision_overrides`
     change config fields; `corpus` trains the tokenizer (`split_lines`: see make_tokenizer);
     `image_size` is the SigLIP input size of
-    LLaVA-OneVision; `max_pixels`/`min_pixels` bound Qwen's frame size.
+    LLaVA-OneVision; `max_pixels`/`min_pixels` bound Qwen's frame size; `rope_theta` is the
+    decoder's RoPE base (Qwen's M-RoPE sections included; real Qwen2-VL checkpoints use 1e6).
     """
     from transformers import (
         LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessor,
@@ -124,7 +125,7 @@ def make_tiny(family: str, *, shape: str = "tiny", seed: int = 0, corpus=None, v
         tok = make_tokenizer(QWEN_SPECIAL, corpus, vocab_size, split_lines)
         ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
         text_cfg = dict(text, vocab_size=len(tok), max_position_embeddings=32768,
-                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                        rope_parameters={"rope_type": "default", "rope_theta": float(rope_theta),
                                          "mrope_section": _mrope_section(head_dim)},
                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                         pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False)

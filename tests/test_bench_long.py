@@ -1,0 +1,70 @@
+"""`mmkv bench quality --task long`: the JSON contract, the three protocols, skipped presses,
+resuming, and the paired bootstrap interval."""
+import json
+
+import numpy as np
+import pytest
+
+from mmkv.bench.stats import interval, paired_interval
+
+KEYS = {"recipe", "protocol", "task", "frames", "n", "accuracy", "delta", "ci_low", "ci_high",
+        "visual_kept_fraction", "kv_bytes_ratio", "bits_per_element", "prefill_s", "decode_s", "skipped"}
+
+
+def test_paired_interval():
+    rng = np.random.default_rng(0)
+    base = {f"v{i}": rng.integers(0, 2, 3).tolist() for i in range(200)}
+    assert paired_interval(base, base) == (0.0, 0.0, 0.0)              # identical answers: no difference at all
+    worse = {v: [0] + o[1:] for v, o in base.items()}                   # first question always wrong
+    d, lo, hi = paired_interval(worse, base)
+    want = -100 * sum(o[0] for o in base.values()) / 600
+    assert d == pytest.approx(want) and lo < d < hi <= 0
+    acc, lo, hi = interval(base)
+    assert lo < acc < hi and acc == pytest.approx(100 * sum(map(sum, base.values())) / 600)
+    # the interval narrows with more videos (about 1/sqrt(n))
+    _, lo_all, hi_all = paired_interval(worse, base)
+    _, lo_s, hi_s = paired_interval(dict(list(worse.items())[:50]), base)
+    assert hi_s - lo_s > 1.5 * (hi_all - lo_all)
+    with pytest.raises(ValueError, match="same questions"):
+        paired_interval({"a": [1]}, {"a": [1, 0]})
+
+
+@pytest.mark.parametrize("protocol", ["encode", "ask", "multiturn"])
+def test_long_bench_contract_and_resume(tiny_dir, tmp_path, protocol, capsys):
+    from mmkv.cli import main
+
+    out = tmp_path / "r.json"
+    args = ["bench", "quality", "--task", "long", "--model", tiny_dir["qwen2_vl"], "--frames", "64", "--n", "2",
+            "--protocol", protocol, "--recipes", "none;kivi:2;lookm;pvc:ratio=0.5", "--data-dir",
+            str(tmp_path / "data"), "--json", str(out), "--no-progress"]
+    assert main(args) == 0
+    res = json.load(open(out))
+    assert [r["recipe"] for r in res] == ["none", "kivi:2", "lookm", "pvc:ratio=0.5"]
+    for r in res:
+        assert KEYS <= set(r) and r["protocol"] == protocol and r["task"] == "long" and r["frames"] == 64
+    none, kivi, lookm, pvc = res
+    assert none["n"] == 6 and none["delta"] == 0 and none["ci_low"] == none["ci_high"] == 0
+    assert none["kv_bytes_ratio"] == pytest.approx(1.0) and none["visual_kept_fraction"] == 1.0
+    assert pvc["visual_kept_fraction"] <= 0.5 and pvc["kv_bytes_ratio"] < 1
+    assert kivi["kv_bytes_ratio"] < 1
+    if protocol == "encode":   # LOOK-M needs the question: marked, not scored
+        assert lookm["skipped"] and "lookm" in lookm["skipped"] and lookm["accuracy"] is None
+    else:
+        assert lookm["skipped"] is None and lookm["n"] == 6
+    records = open(str(out) + ".records.jsonl").read().splitlines()
+    assert len(records) == 2 * (3 if protocol == "encode" else 4)
+    assert main(args) == 0                                              # resumed: nothing recomputed
+    assert open(str(out) + ".records.jsonl").read().splitlines() == records
+    assert json.load(open(out)) == res
+    assert "| `none`" in capsys.readouterr().out
+
+
+def test_needle_json_has_the_contract(tmp_path, tiny_dir):
+    from mmkv.cli import main
+
+    out = tmp_path / "n.json"
+    assert main(["bench", "quality", "--model", tiny_dir["qwen2_vl"], "--frames", "32", "--n", "3", "--recipes",
+                 "none;kivi:2", "--data-dir", str(tmp_path / "d"), "--json", str(out), "--no-progress"]) == 0
+    res = json.load(open(out))
+    assert len(res) == 2 and all(KEYS <= set(r) for r in res) and res[0]["task"] == "needle"
+    assert res[0]["protocol"] == "encode" and res[1]["n"] == 3
