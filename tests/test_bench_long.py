@@ -34,14 +34,14 @@ def test_long_bench_contract_and_resume(tiny_dir, tmp_path, protocol, capsys):
     from mmkv.cli import main
 
     out = tmp_path / "r.json"
-    args = ["bench", "quality", "--task", "long", "--model", tiny_dir["qwen2_vl"], "--frames", "64", "--n", "2",
+    args = ["bench", "quality", "--task", "long", "--model", tiny_dir["qwen2_vl"], "--frames", "96", "--n", "2",
             "--protocol", protocol, "--recipes", "none;kivi:2;lookm;pvc:ratio=0.5", "--data-dir",
             str(tmp_path / "data"), "--json", str(out), "--no-progress"]
     assert main(args) == 0
     res = json.load(open(out))
     assert [r["recipe"] for r in res] == ["none", "kivi:2", "lookm", "pvc:ratio=0.5"]
     for r in res:
-        assert KEYS <= set(r) and r["protocol"] == protocol and r["task"] == "long" and r["frames"] == 64
+        assert KEYS <= set(r) and r["protocol"] == protocol and r["task"] == "long" and r["frames"] == 96
     none, kivi, lookm, pvc = res
     assert none["n"] == 6 and none["delta"] == 0 and none["ci_low"] == none["ci_high"] == 0
     assert none["kv_bytes_ratio"] == pytest.approx(1.0) and none["visual_kept_fraction"] == 1.0

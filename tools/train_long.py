@@ -11,7 +11,7 @@ vision tower 2 blocks of 64. Training sequences are whole conversations: the vid
 answer 1, question 2, answer 2, question 3, answer 3, built with the model's own chat template
 through the mmkv adapter (the same token ids mmkv feeds at inference); the loss is on the answer
 tokens and the end-of-turn token, plus training-only auxiliary heads on the vision tower's output
-(the colour and shape drawn in each visual token). Videos grow from 64 frames to --max-frames
+(the colour and shape drawn in each visual token). Videos grow from 96 frames to --max-frames
 over the first 70% of the steps; the same number of visual tokens per batch throughout.
 
 Seeded and deterministic for a given machine and thread count: step i's data comes from seeds
@@ -188,7 +188,7 @@ def batch_vision_attention(model) -> None:
 
 
 def check_batched_vision(model, batcher) -> None:
-    ex = make_long_example(TRAIN_SEED_LIMIT - 1, 64)
+    ex = make_long_example(TRAIN_SEED_LIMIT - 1, 96)
     pix, grid = batcher.patchify(ex.frames)
     thw = torch.tensor([grid])
     with torch.no_grad():
@@ -199,10 +199,10 @@ def check_batched_vision(model, batcher) -> None:
 
 
 def frames_for_step(step: int, steps: int, max_frames: int, rng: np.random.Generator) -> int:
-    """Curriculum: 64 frames first, up to max_frames from 70% of the steps on (multiples of 32)."""
+    """Curriculum: 96-frame videos first, up to max_frames from 70% of the steps on (multiples of 32)."""
     f = min(1.0, step / (0.7 * steps))
-    hi = 64 + (max_frames - 64) * f
-    return int(rng.integers(2, int(hi) // 32 + 1)) * 32
+    hi = 96 + (max_frames - 96) * f
+    return int(rng.integers(3, int(hi) // 32 + 1)) * 32
 
 
 def to_device(inputs: dict, device) -> dict:

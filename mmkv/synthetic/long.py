@@ -48,7 +48,7 @@ CELL = 28                 # one Qwen visual token: 28 x 28 px (2 x 2 patches of 
 FPS = 2.0
 LENGTHS = (2, 4, 6)       # frames an object is visible: 1, 2 or 3 tokens of one cell
 GAP = 2                   # frames between two objects, at least
-MIN_FRAMES = 64
+MIN_FRAMES = 96   # the most objects (3 + 3 + 1 + 2 distractors, 6 frames each, 2 apart) fit
 
 
 @dataclass
