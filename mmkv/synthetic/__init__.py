@@ -68,7 +68,7 @@ class Example:
     @property
     def prompt(self) -> str:
         """The Video-MME prompt (lmms-eval's format) of this example's question and options."""
-        from .evaluation.prompts import videomme_prompt
+        from ..evaluation.prompts import videomme_prompt
         return videomme_prompt(self.question, self.options)
 
     def row(self, video_id: str) -> dict:
