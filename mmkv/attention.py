@@ -131,5 +131,17 @@ def _no_mask(*args, **kwargs):
     return None
 
 
-AttentionInterface.register(NAME, mmkv_attention)
+def _on_query_device(fn):
+    """Run `fn` with the query's GPU as the current CUDA device: Triton launches kernels on the
+    current device, and under a device map decoder layers (and their cache layers) run on
+    different GPUs."""
+    def on_device(module, query, *args, **kwargs):
+        if query.is_cuda and query.device.index != torch.cuda.current_device():
+            with torch.cuda.device(query.device):
+                return fn(module, query, *args, **kwargs)
+        return fn(module, query, *args, **kwargs)
+    return on_device
+
+
+AttentionInterface.register(NAME, _on_query_device(mmkv_attention))
 AttentionMaskInterface.register(NAME, _no_mask)

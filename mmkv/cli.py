@@ -27,10 +27,30 @@ def _sample() -> dict:
         return {"question": "What happens in this video?"}
 
 
+def _max_memory(text: str | None) -> dict | None:
+    """"0=20GiB,cpu=64GiB" -> {0: "20GiB", "cpu": "64GiB"} (accelerate's max_memory)."""
+    if text is None:
+        return None
+    from mmkv.errors import InputError
+
+    out: dict = {}
+    for item in text.split(","):
+        dev, sep, size = item.strip().partition("=")
+        if not sep or not dev or not size:
+            raise InputError(f"--max-memory {text!r}: use DEVICE=SIZE,..., e.g. 0=20GiB,cpu=64GiB")
+        out[int(dev) if dev.isdigit() else dev] = int(size) if size.isdigit() else size
+    return out
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="mmkv-tiny", help="HF model id, local folder, or mmkv-tiny (bundled default)")
     p.add_argument("--recipe", default="none", help="preset or recipe string, e.g. 'kivi:2' (see `mmkv info`)")
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if available)")
+    p.add_argument("--device-map", default=None, help="auto (or balanced, balanced_low_0, sequential): split a "
+                   "model too big for one device over the GPUs, the CPU and the disk (accelerate)")
+    p.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...",
+                   help="with --device-map: memory per device, e.g. 0=20GiB,1=20GiB,cpu=64GiB")
+    p.add_argument("--offload-folder", default=None, help="with --device-map: folder for weights offloaded to disk")
     p.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32")
     p.add_argument("--attn", default="sdpa", dest="attn_implementation",
                    help="base attention implementation: sdpa, eager or flash_attention_2")
@@ -38,6 +58,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _generate(args) -> int:
     import mmkv
+    from mmkv.models.devices import check_placement
 
     video = args.video or SAMPLE_VIDEO
     sample = _sample() if not args.video else {}
@@ -47,10 +68,13 @@ def _generate(args) -> int:
     if not question:
         raise mmkv.InputError("give a QUESTION after the VIDEO")
     recipe = mmkv.Recipe.parse(args.recipe)  # fail on bad input before loading anything
+    placement = dict(device_map=args.device_map, max_memory=_max_memory(args.max_memory),
+                     offload_folder=args.offload_folder)
+    check_placement(args.device, **placement)
     from mmkv.io import load_media
     media = load_media(video, frames=args.frames, fps=args.fps, max_frames=args.max_frames)
     pipe = mmkv.load(args.model, recipe, device=args.device, dtype=args.dtype,
-                     attn_implementation=args.attn_implementation, chunk_frames=args.chunk_frames)
+                     attn_implementation=args.attn_implementation, chunk_frames=args.chunk_frames, **placement)
     streamed = []
 
     def on_text(delta):

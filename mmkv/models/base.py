@@ -17,6 +17,7 @@ import torch
 
 from ..errors import ModelError
 from ..vision.base import VisualTokens
+from .devices import execution_device
 
 ADAPTERS: dict[str, type["Adapter"]] = {}
 _SENTINEL = "\u2063MMKV_QUESTION\u2063"
@@ -109,7 +110,13 @@ class Adapter:
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        """Where inputs enter: the embeddings' execution device (under a device map the layers,
+        the vision tower and lm_head may run elsewhere; accelerate's hooks move their inputs)."""
+        return execution_device(self.text_model.embed_tokens)
+
+    def layer_device(self, i: int) -> torch.device:
+        """Where decoder layer `i` runs, and so where its cache layer's tensors live."""
+        return execution_device(self.layers[i])
 
     @property
     def dtype(self) -> torch.dtype:

@@ -1,8 +1,10 @@
 """Loading a model: an HF model id, a local folder, or the bundled default.
 
 The family is read from the config first (cheap), so an unsupported model fails before any
-weights are read. Device: CUDA when available, else CPU. dtype "auto": bf16 on CUDA (fp16 where
-bf16 is unsupported), fp32 on CPU (faster than bf16 on CPUs without AMX).
+weights are read; the device (and device map) is checked before that. Device: CUDA when
+available, else CPU; `device_map=` splits or offloads the model instead (mmkv.models.devices).
+dtype "auto": bf16 on CUDA (fp16 where bf16 is unsupported), fp32 on CPU (faster than bf16 on
+CPUs without AMX).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch
 
 from ..errors import ModelError
 from .base import ADAPTERS, Adapter
+from .devices import check_device_map, main_device, prepare_offloaded, pick_device
 
 DEFAULT_MODEL = "mmkv-tiny"
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets")
@@ -60,15 +63,6 @@ def model_card(path: str) -> dict:
         return {}
 
 
-def pick_device(device: str | torch.device | None) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelError("device='cuda' was asked for but no CUDA GPU is available; use device='cpu'")
-    return dev
-
-
 def pick_dtype(dtype, device: torch.device) -> torch.dtype:
     if dtype is None or dtype == "auto":
         if device.type == "cuda":
@@ -100,8 +94,10 @@ def read_model_type(path: str) -> str:
 
 
 def load_adapter(model: str | None = None, *, device=None, dtype="auto", attn_implementation: str = "sdpa",
-                 processor_kwargs: dict | None = None) -> tuple[Adapter, str]:
-    """Load model + processor and wrap them in the family's adapter.
+                 processor_kwargs: dict | None = None, device_map=None, max_memory: dict | None = None,
+                 offload_folder: str | None = None) -> tuple[Adapter, str]:
+    """Load model + processor and wrap them in the family's adapter. `device_map`, `max_memory`
+    and `offload_folder` are accelerate's big-model inference options (see mmkv.models.devices).
 
     Returns (adapter, base attention implementation). The language model is switched to the
     `mmkv` attention implementation, which calls the base one for plain dense attention."""
@@ -110,10 +106,12 @@ def load_adapter(model: str | None = None, *, device=None, dtype="auto", attn_im
 
     from .. import attention  # noqa: F401 - registers the "mmkv" attention implementation
 
+    dev = pick_device(device)  # a bad device or map fails before anything is read
+    dm = check_device_map(device_map, max_memory, offload_folder, device)
     path = resolve_model(model)
     mt = read_model_type(path)
-    dev = pick_device(device)
-    dt = pick_dtype(dtype, dev)
+    dt = pick_dtype(dtype, dev if dm is None else main_device(dm))
+    placement = {} if dm is None else {"device_map": dm, "max_memory": max_memory, "offload_folder": offload_folder}
     if attn_implementation == attention.NAME:
         raise ModelError("attn_implementation='mmkv' is set by mmkv itself; pass the base implementation "
                          "(sdpa, eager or flash_attention_2)")
@@ -122,14 +120,19 @@ def load_adapter(model: str | None = None, *, device=None, dtype="auto", attn_im
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            m = AutoModelForImageTextToText.from_pretrained(path, dtype=dt, attn_implementation=attn_implementation)
+            m = AutoModelForImageTextToText.from_pretrained(path, dtype=dt, attn_implementation=attn_implementation,
+                                                            **placement)
             proc = AutoProcessor.from_pretrained(path, **(processor_kwargs or {}))
     except (OSError, ValueError, ImportError) as e:
         raise ModelError(f"cannot load {path!r}: {str(e).strip().splitlines()[0]}") from None
     finally:
         if progress:
             hf_logging.enable_progress_bar()
-    m = m.to(dev).eval()
+    if dm is None:
+        m = m.to(dev)
+    else:
+        prepare_offloaded(m)
+    m = m.eval()
     base = m.config.get_text_config()._attn_implementation or "sdpa"
     m.set_attn_implementation({"text_config": attention.NAME})
     adapter = ADAPTERS[mt](m, proc)
