@@ -269,3 +269,33 @@ def test_compare_two_runs(tmp_path, capsys):
     assert main(["eval", "merge", str(tmp_path / "a"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["correct"] == 6
     assert main(["eval", "compare", str(tmp_path / "a"), str(tmp_path / "nothing")]) == 2
+
+
+def test_run_records_the_full_recipe_spec(tmp_path, capsys):
+    """run.json, the summary and `compare` keep "kivi:2" (not "kivi", which means whatever the
+    default bits are when the run is read)."""
+    from mmkv.cli import main
+
+    data = videomme_dir(tmp_path)
+    sa, _ = _videomme_run(data, tmp_path / "a", recipe="kivi:2")
+    sb, _ = _videomme_run(data, tmp_path / "b", recipe="elastic:0.2+kivi:4")
+    with open(tmp_path / "a" / "run.json") as f:
+        assert json.load(f)["recipe"] == "kivi:2"
+    assert (sa["recipe"], sb["recipe"]) == ("kivi:2", "elastic:0.2+kivi:4")
+    assert main(["eval", "compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert "| | A: kivi:2 | B: elastic:0.2+kivi:4 | B - A |" in capsys.readouterr().out
+
+
+def test_every_stage_spec_names_its_main_value_and_round_trips():
+    from mmkv.recipe import STAGES, Recipe, _ensure_registered
+
+    _ensure_registered()
+    for name, cls in sorted(STAGES.items()):
+        if name != cls.name:
+            continue  # an alias
+        stage = cls()
+        spec = stage.spec()
+        if cls.main:
+            assert spec.startswith(f"{cls.name}:{getattr(stage, cls.main)}"), spec
+        assert Recipe.parse(spec).stages == [stage], spec
+    assert Recipe.parse("streaming:recent=64,sink=2,decode=no+kivi").spec() == "streaming:64,sink=2,decode=False+kivi:2"
