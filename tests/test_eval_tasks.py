@@ -299,3 +299,33 @@ def test_every_stage_spec_names_its_main_value_and_round_trips():
             assert spec.startswith(f"{cls.name}:{getattr(stage, cls.main)}"), spec
         assert Recipe.parse(spec).stages == [stage], spec
     assert Recipe.parse("streaming:recent=64,sink=2,decode=no+kivi").spec() == "streaming:64,sink=2,decode=False+kivi:2"
+
+
+def test_resume_refuses_changed_data_and_accepts_a_moved_copy(tmp_path):
+    """A restart against edited rows (here one answer changed) would keep the old record, answered
+    to the old question and scored against the old answer: refused, naming the way out."""
+    import shutil
+
+    data = videomme_dir(tmp_path)
+    s, _ = _videomme_run(data, tmp_path / "out")
+    with open(tmp_path / "out" / "run.json") as f:
+        cfg = json.load(f)
+    assert len(cfg["dataset_fingerprint"]) == 16 and cfg["dataset_samples"] == 13
+    moved = str(tmp_path / "moved")
+    shutil.copytree(data, moved)                                  # the same data elsewhere: resumed
+    s2, pipe = _videomme_run(moved, tmp_path / "out")
+    assert pipe.asked == [] and s2["correct"] == s["correct"] == 6
+    rows = json.load(open(os.path.join(moved, "videomme.json")))
+    rows[0]["answer"] = "B"                                       # v1-1: the response "A" was right, now wrong
+    open(os.path.join(moved, "videomme.json"), "w").write(json.dumps(rows))
+    with pytest.raises(InputError, match=r"dataset changed.*--overwrite to start again"):
+        _videomme_run(moved, tmp_path / "out")
+    open(os.path.join(moved, "data", "v3.mp4"), "ab").write(b"more")  # a re-encoded video also counts
+    rows[0]["answer"] = "A"
+    open(os.path.join(moved, "videomme.json"), "w").write(json.dumps(rows))
+    with pytest.raises(InputError, match="dataset changed"):
+        _videomme_run(moved, tmp_path / "out")
+    rows[0]["answer"] = "B"
+    open(os.path.join(moved, "videomme.json"), "w").write(json.dumps(rows))
+    s3, pipe = _videomme_run(moved, tmp_path / "out", overwrite=True)
+    assert len(pipe.asked) == 9 and s3["correct"] == 5            # v1-1 now scored against "B"

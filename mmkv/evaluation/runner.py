@@ -8,7 +8,8 @@
 
 Resume: a restarted run reads every `samples.rank*.jsonl` in the folder and skips samples that
 have a record (answered, or failed on bad data); a torn last line from a crash is cut off before
-appending. Runtime failures (e.g. out of memory) are retried on restart; `retry_errors=True`
+appending. run.json holds the settings and a fingerprint of the data (`fingerprint`): a restart
+with other settings or on changed data is refused. Runtime failures (e.g. out of memory) are retried on restart; `retry_errors=True`
 retries data failures too.
 
 Data parallel: with `accelerate launch` (or torchrun) each process reads RANK / WORLD_SIZE /
@@ -31,7 +32,8 @@ from dataclasses import dataclass, field
 
 from ..errors import InputError, MmkvError
 
-IGNORED_CONFIG = ("data", "mmkv_version", "convention_note", "device", "dtype")
+IGNORED_CONFIG = ("data", "mmkv_version", "convention_note", "device", "dtype", "dataset_fingerprint",
+                  "dataset_samples")
 STAT_FIELDS = ("frames", "visual_tokens_in", "visual_tokens_kept", "prompt_tokens", "kv_bytes", "kv_bytes_fp16",
                "encode_s", "prefill_s", "decode_s", "new_tokens", "peak_memory_bytes", "peak_memory_kind")
 
@@ -226,6 +228,27 @@ def _runtime_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg}"[:500]
 
 
+def _file_id(path) -> list | None:
+    """(name, size) of a file, so moving a dataset keeps its fingerprint and editing it does not."""
+    if not isinstance(path, str) or not os.path.isfile(path):
+        return None
+    return [os.path.basename(path), os.path.getsize(path)]
+
+
+def fingerprint(samples: list[Sample]) -> str:
+    """A hash of what the samples ask: keys, questions, options, answers, groups, data errors and
+    the name and size of each video and subtitle file (not their folder, so a moved copy of the
+    data resumes). A restart whose data hashes differently is refused (check_config)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for s in samples:
+        item = [s.key, s.index, s.cluster, s.video_id, s.question, s.options, s.answer, s.group, s.reason,
+                _file_id(s.video), sorted((k, _file_id(v) if isinstance(v, str) else v) for k, v in s.extra.items())]
+        h.update(json.dumps(item, ensure_ascii=False, default=str, sort_keys=True).encode() + b"\n")
+    return h.hexdigest()[:16]
+
+
 def check_config(out_dir: str, config: dict, overwrite: bool) -> None:
     path = os.path.join(out_dir, "run.json")
     if os.path.exists(path) and not overwrite:
@@ -236,6 +259,13 @@ def check_config(out_dir: str, config: dict, overwrite: bool) -> None:
             shown = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diff[:4])
             raise InputError(f"{out_dir} holds a run with other settings ({shown}); use another --out, "
                              "or --overwrite to start it again")
+        fp_old, fp_new = old.get("dataset_fingerprint"), config.get("dataset_fingerprint")
+        if fp_old is not None and fp_new is not None and fp_old != fp_new:
+            raise InputError(
+                f"{out_dir} holds a run on other data: the dataset changed since it started (fingerprint "
+                f"{fp_old}, {old.get('dataset_samples')} samples -> {fp_new}, {config.get('dataset_samples')} samples: "
+                "questions, options, answers or video files differ), so its finished answers may be to other "
+                "questions. Use another --out, or --overwrite to start again on the new data")
     _atomic_json(path, config)
 
 
@@ -264,8 +294,10 @@ def run(task: Task, out_dir: str, *, model: str = "mmkv-tiny", recipe="none", fr
     recipe_spec = (recipe if isinstance(recipe, mmkv.Recipe) else mmkv.Recipe.parse(recipe)).spec()
     if fps is not None:
         frames = None
+    samples = task.samples()
     config = {**task.config(), "model": str(model if pipe is None else pipe.model_name), "recipe": recipe_spec,
               "frames": frames, "fps": fps, "max_frames": max_frames, "max_new_tokens": max_new_tokens,
+              "dataset_fingerprint": fingerprint(samples), "dataset_samples": len(samples),
               "mmkv_version": mmkv.__version__}
     os.makedirs(out_dir, exist_ok=True)
     if overwrite and rank == 0:
@@ -274,7 +306,6 @@ def run(task: Task, out_dir: str, *, model: str = "mmkv-tiny", recipe="none", fr
                 os.remove(p)
     check_config(out_dir, config, overwrite)
 
-    samples = task.samples()
     if limit is not None:
         samples = samples[:limit]
     _atomic_json(os.path.join(out_dir, "plan.json"),
