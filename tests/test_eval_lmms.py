@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -77,3 +78,86 @@ def test_two_processes_with_accelerate_on_cpu(tmp_path):
     with open(res_file) as f:
         acc = json.load(f)["results"][TASK]["acc,none"]
     assert acc == pytest.approx(sum(s["acc"] for s in samples.values()) / len(rows))
+
+
+def _task_yaml(name: str) -> dict:
+    """A task config of the installed lmms-eval, its `include` merged in (!function lines read as text)."""
+    import importlib
+
+    import yaml
+
+    folder = os.path.dirname(importlib.import_module(f"lmms_eval.tasks.{name.split('/')[0]}.utils").__file__)
+
+    def load(fn):
+        with open(os.path.join(folder, fn)) as f:
+            cfg = yaml.safe_load(f.read().replace("!function ", ""))
+        return {**(load(cfg.pop("include")) if "include" in cfg else {}), **cfg}
+
+    return load(name.split("/")[1])
+
+
+def test_videomme_long_is_the_subtitle_prompt_at_32_frames(tmp_path, monkeypatch):
+    """lmms-eval's `videomme_long` = `--duration long --subtitles` (subtitles at 32 frames)."""
+    from lmms_eval.tasks.videomme import utils as vutils
+
+    from mmkv.evaluation.runner import run
+    from mmkv.evaluation.videomme import VideoMME
+    from mmkv.synthetic import make_example, write_video
+
+    cfg = _task_yaml("videomme/videomme_long.yaml")
+    kwargs = cfg["lmms_eval_specific_kwargs"]["default"]
+    assert cfg["doc_to_text"] == "utils.videomme_doc_to_text_subtitle" and kwargs["frame_num"] == 32
+    assert cfg["process_docs"] == "utils.videomme_process_docs_long"
+    root = tmp_path / "hf" / vutils.cache_name                     # lmms-eval's layout: data/, subtitle/
+    (root / "data").mkdir(parents=True)
+    (root / "subtitle").mkdir()
+    rows = []
+    for vid, duration in (("L1", "long"), ("S1", "short")):
+        write_video(str(root / "data" / f"{vid}.mp4"), make_example(3, num_frames=64).frames, 2.0)  # 32 s
+        rows.append({"videoID": vid, "question_id": f"{vid}-1", "duration": duration, "domain": "d",
+                     "sub_category": "s", "task_type": "t", "question": "What?",
+                     "options": ["A. a", "B. b", "C. c", "D. d"], "answer": "A"})
+    cues = [(0, 1, "first"), (5, 5.2, "between two sampled frames"), (10, 14, "middle"), (31, 32, "last")]
+    (root / "subtitle" / "L1.srt").write_text("".join(
+        f'{i + 1}\n00:00:{a:06.3f} --> 00:00:{b:06.3f}\n<font color="white" size=".72c">{t}</font>\n\n'.replace(".", ",")
+        for i, (a, b, t) in enumerate(cues)))
+    (root / "videomme.json").write_text(json.dumps(rows))
+    monkeypatch.setattr(vutils, "base_cache_dir", str(tmp_path / "hf"))
+
+    class Echo:  # answers every question with its prompt
+        model_name = "echo"
+
+        def encode(self, video, **kw):
+            return types.SimpleNamespace(media=None)   # the subtitles' frame count comes from OpenCV
+
+        def ask(self, enc, prompt, **kw):
+            import mmkv
+            return mmkv.Result(text=prompt, stats=mmkv.Stats())
+
+    import datasets
+
+    ds = datasets.Dataset.from_list(rows)
+    long_docs = list(vutils.videomme_process_docs_long(ds))
+    s = run(VideoMME(str(root), subtitles=True, durations=["long"]), str(tmp_path / "out"), pipe=Echo(),
+            progress=False)
+    recs = read_all(tmp_path / "out")
+    assert [d["videoID"] for d in long_docs] == [r["video_id"] for r in recs] == ["L1"] and s["n"] == 1
+    want = vutils.videomme_doc_to_text_subtitle(long_docs[0], kwargs)
+    assert "middle" in want and "between two" not in want         # the subtitles of the 32 sampled frames
+    assert recs[0]["prompt"] == want
+
+
+def read_all(out):
+    from mmkv.evaluation.runner import read_records
+
+    return read_records(str(out / "samples.jsonl"))
+
+
+def test_mvbench_folders_match_lmms_eval():
+    from lmms_eval.tasks.mvbench import utils as mutils
+
+    from mmkv.evaluation.mvbench import DATA_LIST, TASKS
+
+    assert DATA_LIST == mutils.DATA_LIST
+    group = _task_yaml("mvbench/mvbench.yaml")
+    assert list(TASKS) == [t.removeprefix("mvbench_") for t in group["task"]]
