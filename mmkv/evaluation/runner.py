@@ -210,17 +210,44 @@ def _stats(stats) -> dict:
     return d
 
 
-def _video_input(path: str):
-    """A video file path, or the frames of a folder of images ([T, H, W, 3], sorted by name)."""
-    if not os.path.isdir(path):
-        return path
-    import numpy as np
-    from PIL import Image
+def _span(total: int, fps: float, segment) -> tuple[int, int]:
+    """First and last frame index of `segment` ([start, end] seconds; None: the whole video)."""
+    if segment is None or not fps > 0:
+        return 0, total - 1
+    lo = min(max(int(round(float(segment[0]) * fps)), 0), total - 1)
+    return lo, min(max(int(round(float(segment[1]) * fps)), lo), total - 1)
 
-    names = sorted(n for n in os.listdir(path) if n.lower().endswith((".jpg", ".jpeg", ".png")))
-    if not names:
-        raise InputError(f"{path!r} is a folder with no .jpg/.png frames")
-    return np.stack([np.asarray(Image.open(os.path.join(path, n)).convert("RGB")) for n in names])
+
+def _video_input(path: str, enc_kw: dict | None = None, segment=None, frame_fps: float | None = None):
+    """What to encode: a video file's path (the pipeline samples it), or a Media of the frames the
+    sampling (`enc_kw`: frames / fps / max_frames) picks from the `segment` [start, end] seconds of
+    a file, or from a folder of images (sorted by name; only the sampled ones are read; `frame_fps`
+    is the folder's frame rate, 1 by default). Timestamps start at 0 at the segment's start, as in
+    a clip cut from it."""
+    import dataclasses
+
+    from ..io.video import load_media, sample_indices
+
+    enc_kw = enc_kw or {}
+    if os.path.isdir(path):
+        import numpy as np
+        from PIL import Image
+
+        names = sorted(n for n in os.listdir(path) if n.lower().endswith((".jpg", ".jpeg", ".png")))
+        if not names:
+            raise InputError(f"{path!r} is a folder with no .jpg/.png frames")
+        fps = float(frame_fps or 1.0)
+        lo, hi = _span(len(names), fps, segment)
+        sel = lo + sample_indices(hi - lo + 1, fps, **enc_kw)
+        arr = np.stack([np.asarray(Image.open(os.path.join(path, names[i])).convert("RGB")) for i in sel])
+        media = load_media(arr, video_fps=fps)
+        return dataclasses.replace(media, timestamps=(sel - lo) / fps, total_frames=hi - lo + 1)
+    if segment is None:
+        return path
+    media = load_media(path, frames=1)
+    lo, hi = _span(media.total_frames, media.source_fps, segment)
+    idx = lo + sample_indices(hi - lo + 1, media.source_fps, **enc_kw)
+    return dataclasses.replace(media, indices=idx, timestamps=(idx - lo) / media.source_fps, total_frames=hi - lo + 1)
 
 
 def _runtime_error(e: BaseException) -> str:
@@ -353,7 +380,8 @@ def _run_video(task: Task, pipe, group: list[Sample], writer: RecordWriter, rank
 
     first = group[0]
     try:
-        enc = pipe.encode(_video_input(first.video), **enc_kw)
+        enc = pipe.encode(_video_input(first.video, enc_kw, first.extra.get("segment"),
+                                       first.extra.get("frame_fps")), **enc_kw)
     except (InputError, MmkvError) as e:
         for s in group:
             writer.write(_error_record(task, s, rank, "data", "unreadable video", str(e)))
