@@ -49,7 +49,9 @@ def _videomme_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--convention", default=DEFAULT_CONVENTION, choices=CONVENTIONS,
                    help="lmms-eval answer extraction: 0.7.2 (since 2026-04-11, default) or legacy (<= v0.7.1)")
     p.add_argument("--post-prompt", default=None, help="override lmms-eval's default post prompt (no-subtitle task)")
-    p.add_argument("--duration", default=None, help="only these durations, e.g. long or short,medium")
+    p.add_argument("--duration", default=None,
+                   help="only these durations, e.g. long or short,medium (lmms-eval's videomme_long is "
+                        "--duration long --subtitles: its prompt has the subtitles of 32 frames)")
 
 
 def _finish(summary, args) -> int:

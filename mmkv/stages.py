@@ -31,14 +31,20 @@ class Stage:
         """Raise RecipeError on nonsensical parameters. Called on construction."""
 
     def spec(self) -> str:
-        """The recipe-string form of this stage (only fields that differ from the defaults)."""
-        parts = []
+        """The recipe-string form of this stage: `name:MAIN` (the `main` parameter's value, always,
+        so "kivi:2" stays "kivi:2" and not a bare "kivi" that depends on today's defaults), then
+        `key=value` for every other field that differs from its default. `Recipe.parse` reads it
+        back to an equal stage (tuples are written "a/b", None as "none")."""
+        def text(v) -> str:
+            return "none" if v is None else "/".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
+
+        parts = [text(getattr(self, self.main))] if self.main else []
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             default = f.default if f.default is not dataclasses.MISSING else (
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-            if v != default:
-                parts.append(f"{f.name}={v}")
+            if f.name != self.main and v != default:
+                parts.append(f"{f.name}={text(v)}")
         return self.name + (":" + ",".join(parts) if parts else "")
 
     def describe(self) -> str:

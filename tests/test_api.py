@@ -157,7 +157,7 @@ def test_cli_generate_json(tiny_dir, tmp_path, capsys):
                              "kivi:2", "--frames", "8", "--max-new-tokens", "4", "--json")
     assert code == 0, err
     res = json.loads(out.strip().splitlines()[-1])
-    assert res["stats"]["recipe"] == "kivi:bits=2" or res["stats"]["recipe"] == "kivi"
+    assert res["stats"]["recipe"] == "kivi:2"
     assert res["stats"]["frames"] == 8
 
 

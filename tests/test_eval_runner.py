@@ -244,3 +244,62 @@ def test_plugin_answers_like_the_pipeline(fake_lmms_eval, data, pipes):
         model.loglikelihood([])
     with pytest.raises(ValueError, match="unknown model_args"):
         cls(pipe=pipe, bogus=1)
+
+
+def test_plugin_loads_one_visual_at_a_time(fake_lmms_eval, pipes):
+    """A task whose doc_to_visual returns decoded frames (lmms-eval's MVBench frame folders): each
+    video is loaded right before its encoding, never all of them first."""
+    from PIL import Image
+
+    from mmkv.evaluation.lmms_plugin import MMKV
+    from mmkv.synthetic import make_example
+
+    events = []
+    frames = make_example(1, num_frames=32).frames[:FRAMES]
+
+    def to_visual(doc):
+        events.append("load")
+        return [Image.fromarray(f) for f in frames]
+
+    class Logging(Counting):
+        def encode(self, video, **kw):
+            events.append("encode")
+            return super().encode(video, **kw)
+
+    pipe = Logging(pipes[FAMILY])
+    model = MMKV(max_num_frames=FRAMES, pipe=pipe)
+    docs = [{"video": f"clip{k}", "question": f"Q{i}"} for i, k in enumerate((0, 0, 1, 2, 2, 3))]
+    model.task_dict = {"mvbench_x": {"train": docs}}
+
+    class Req:
+        def __init__(self, i):
+            self.args = (f"Question {i}?", {"max_new_tokens": NEW, "until": ["\n\n"]}, to_visual, i, "mvbench_x", "train")
+
+    out = model.generate_until([Req(i) for i in range(len(docs))])
+    assert events == ["load", "encode"] * 4                    # 4 videos: one load per encoding, in turn
+    assert (model.loads, model.encodes, pipe.asks) == (4, 4, 6) and len(out) == 6
+    assert out[0] == pipe.pipe.ask(pipe.pipe.encode([Image.fromarray(f) for f in frames], frames=FRAMES),
+                                   "Question 0?", max_new_tokens=NEW).text
+
+
+def test_offline_lmms_task_files(tmp_path):
+    """The files `python -m mmkv.evaluation.lmms_task` writes (run under lmms-eval in test_eval_lmms.py)."""
+    import yaml
+
+    from mmkv.evaluation import lmms_task
+    from mmkv.synthetic import make_example
+
+    rows = lmms_task.write_task(str(tmp_path), n=2)
+    with open(tmp_path / "mmkv_needle.yaml") as f:
+        cfg = yaml.safe_load(f.read().replace("!function ", ""))
+    rows_path = cfg["dataset_kwargs"]["data_files"]["test"]
+    assert cfg["task"] == "mmkv_needle" and os.path.isabs(rows_path)
+    assert [json.loads(line) for line in open(rows_path)] == rows
+    assert [r["video"] for r in rows] == [str(tmp_path / f"{r['videoID']}.mp4") for r in rows]
+    assert rows[2]["video"] == rows[0]["video"] and rows[2]["question"] != rows[0]["question"]
+    ex = make_example(1_000_000, 32, task="shape")   # the same frames as rows[0]'s ("color") example
+    assert rows[2]["answer"] == ex.answer and os.path.exists(rows[0]["video"])
+    assert (ex.frames == make_example(1_000_000, 32, task="color").frames).all()
+    assert "from mmkv.evaluation.lmms_task import" in (tmp_path / "utils.py").read_text()
+    assert lmms_task.process_results(rows[0], [f"{rows[0]['answer']}."]) == {"acc": 1.0}
+    assert lmms_task.process_results(rows[0], ["no idea"]) == {"acc": 0.0}

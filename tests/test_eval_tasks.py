@@ -269,3 +269,109 @@ def test_compare_two_runs(tmp_path, capsys):
     assert main(["eval", "merge", str(tmp_path / "a"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["correct"] == 6
     assert main(["eval", "compare", str(tmp_path / "a"), str(tmp_path / "nothing")]) == 2
+
+
+def test_run_records_the_full_recipe_spec(tmp_path, capsys):
+    """run.json, the summary and `compare` keep "kivi:2" (not "kivi", which means whatever the
+    default bits are when the run is read)."""
+    from mmkv.cli import main
+
+    data = videomme_dir(tmp_path)
+    sa, _ = _videomme_run(data, tmp_path / "a", recipe="kivi:2")
+    sb, _ = _videomme_run(data, tmp_path / "b", recipe="elastic:0.2+kivi:4")
+    with open(tmp_path / "a" / "run.json") as f:
+        assert json.load(f)["recipe"] == "kivi:2"
+    assert (sa["recipe"], sb["recipe"]) == ("kivi:2", "elastic:0.2+kivi:4")
+    assert main(["eval", "compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert "| | A: kivi:2 | B: elastic:0.2+kivi:4 | B - A |" in capsys.readouterr().out
+
+
+def test_every_stage_spec_names_its_main_value_and_round_trips():
+    from mmkv.recipe import STAGES, Recipe, _ensure_registered
+
+    _ensure_registered()
+    for name, cls in sorted(STAGES.items()):
+        if name != cls.name:
+            continue  # an alias
+        stage = cls()
+        spec = stage.spec()
+        if cls.main:
+            assert spec.startswith(f"{cls.name}:{getattr(stage, cls.main)}"), spec
+        assert Recipe.parse(spec).stages == [stage], spec
+    assert Recipe.parse("streaming:recent=64,sink=2,decode=no+kivi").spec() == "streaming:64,sink=2,decode=False+kivi:2"
+
+
+def test_resume_refuses_changed_data_and_accepts_a_moved_copy(tmp_path):
+    """A restart against edited rows (here one answer changed) would keep the old record, answered
+    to the old question and scored against the old answer: refused, naming the way out."""
+    import shutil
+
+    data = videomme_dir(tmp_path)
+    s, _ = _videomme_run(data, tmp_path / "out")
+    with open(tmp_path / "out" / "run.json") as f:
+        cfg = json.load(f)
+    assert len(cfg["dataset_fingerprint"]) == 16 and cfg["dataset_samples"] == 13
+    moved = str(tmp_path / "moved")
+    shutil.copytree(data, moved)                                  # the same data elsewhere: resumed
+    s2, pipe = _videomme_run(moved, tmp_path / "out")
+    assert pipe.asked == [] and s2["correct"] == s["correct"] == 6
+    rows = json.load(open(os.path.join(moved, "videomme.json")))
+    rows[0]["answer"] = "B"                                       # v1-1: the response "A" was right, now wrong
+    open(os.path.join(moved, "videomme.json"), "w").write(json.dumps(rows))
+    with pytest.raises(InputError, match=r"dataset changed.*--overwrite to start again"):
+        _videomme_run(moved, tmp_path / "out")
+    open(os.path.join(moved, "data", "v3.mp4"), "ab").write(b"more")  # a re-encoded video also counts
+    rows[0]["answer"] = "A"
+    open(os.path.join(moved, "videomme.json"), "w").write(json.dumps(rows))
+    with pytest.raises(InputError, match="dataset changed"):
+        _videomme_run(moved, tmp_path / "out")
+    rows[0]["answer"] = "B"
+    open(os.path.join(moved, "videomme.json"), "w").write(json.dumps(rows))
+    s3, pipe = _videomme_run(moved, tmp_path / "out", overwrite=True)
+    assert len(pipe.asked) == 9 and s3["correct"] == 5            # v1-1 now scored against "B"
+
+
+def test_mvbench_main_branch_layout(tmp_path):
+    """MVBench's own `main` layout (video/star/Charades_v1_480, ssv2_video, nturgbd,
+    tvqa/frames_fps3_hq): found, and where it holds whole videos only [start, end] is sampled."""
+    import numpy as np
+    from PIL import Image
+
+    from mmkv.evaluation.mvbench import MVBench
+    from mmkv.synthetic import make_example, write_video
+
+    root = tmp_path / "MVBench"
+    for d in ("json", "video/star/Charades_v1_480", "video/star/Charades_segment", "video/ssv2_video",
+              "video/nturgbd", "video/tvqa/frames_fps3_hq/t1"):
+        (root / d).mkdir(parents=True)
+    write_video(str(root / "video/star/Charades_v1_480/c1.mp4"), make_example(1, num_frames=64).frames, 2.0)  # 32 s
+    (root / "video/star/Charades_segment/c2.mp4").write_bytes(b"x")     # lmms-eval's cut segment: taken whole
+    (root / "video/star/Charades_v1_480/c2.mp4").write_bytes(b"x")
+    (root / "video/ssv2_video/s1.webm").write_bytes(b"x")                # the row says s1.mp4
+    (root / "video/nturgbd/n1.avi").write_bytes(b"x")
+    for i in range(30):                                                  # 10 s of frames at 3 fps
+        Image.fromarray(np.full((8, 8, 3), 8 * i, np.uint8)).save(root / f"video/tvqa/frames_fps3_hq/t1/{i:05d}.png")
+    q = {"question": "Q?", "candidates": ["yes", "no"], "answer": "yes"}
+    for task, rows in {"action_sequence": [{**q, "video": "c1.mp4", "start": 4, "end": 10},
+                                           {**q, "video": "c2.mp4", "start": 1, "end": 2}],
+                       "action_antonym": [{**q, "video": "s1.mp4"}],
+                       "fine_grained_pose": [{**q, "video": "n1.avi"}],
+                       "episodic_reasoning": [{**q, "video": "t1", "start": 2, "end": 6}]}.items():
+        (root / "json" / f"{task}.json").write_text(json.dumps(rows))
+
+    class Recording(ScriptedPipe):
+        def encode(self, video, **kw):
+            self.encoded.append(video)
+            return _Enc(video)
+
+    pipe = Recording({"Q?": "A"})
+    s = run(MVBench(str(root)), str(tmp_path / "out"), pipe=pipe, frames=4, progress=False)
+    assert s["answered"] == 5 and s["errors"]["count"] == 0
+    c1, c2, t1, s1, n1 = pipe.encoded                                # lmms-eval's task order
+    assert c1.indices.tolist() == [8, 12, 16, 20]                        # seconds 4..10 at 2 fps, 4 frames
+    assert c1.timestamps.tolist() == [0, 2, 4, 6] and c1.sampled_fps == pytest.approx(4 / 13 * 2)
+    assert c1.frames().shape[0] == 4
+    assert c2 == str(root / "video/star/Charades_segment/c2.mp4")
+    assert (s1, n1) == (str(root / "video/ssv2_video/s1.webm"), str(root / "video/nturgbd/n1.avi"))
+    assert t1.frames()[:, 0, 0, 0].tolist() == [8 * i for i in (6, 10, 14, 18)]   # seconds 2..6 at 3 fps
+    assert t1.timestamps.tolist() == pytest.approx([0, 4 / 3, 8 / 3, 4])

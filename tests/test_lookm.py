@@ -252,7 +252,7 @@ def test_bad_parameters_are_rejected():
         with pytest.raises(RecipeError):
             Recipe.parse(bad)
     assert Recipe.parse("lookm:weighted").kv[0].merge == "weighted"
-    assert Recipe.parse("look-m+kivi:2").spec() == "lookm+kivi"
+    assert Recipe.parse("look-m+kivi:2").spec() == "lookm:pivotal+kivi:2"
 
 
 def test_lookm_then_kivi_quantizes_the_kept_entries_per_head():

@@ -10,7 +10,7 @@ def test_parse_main_value_and_keywords():
     assert [type(s) for s in r.stages] == [StreamingLLM, KIVI]
     assert r.stages[0].recent == 64 and r.stages[0].sink == 2 and r.stages[1].bits == 4
     assert r.stages[0].decode is False
-    assert r.spec() == "streaming:recent=64,sink=2,decode=False+kivi:bits=4"
+    assert r.spec() == "streaming:64,sink=2,decode=False+kivi:4"
     assert Recipe.parse(r.spec()).stages == r.stages  # round trip
 
 

@@ -4,11 +4,17 @@ define it.
 Layout read (a local folder, or the HF id `OpenGVLab/MVBench`, branch `video`):
 - 20 task files `json/<task>.json` (the HF layout) or `<task>.json`, each a list of
   {"video", "question", "candidates", "answer"} (the answer is the text of one candidate;
-  some tasks also carry start/end, which lmms-eval ignores, and so do we);
+  some tasks also carry start/end, which lmms-eval ignores (its videos are the segments), and
+  so do we, except for videos found in the main-branch layout, below);
 - videos under `<folder>/<video>`, where `<folder>` is lmms-eval's per-task folder (DATA_LIST,
   e.g. action_sequence -> star/Charades_segment), also looked for under `video/` and, as
-  lmms-eval does for clevrer and star, `data0613/`; `--video-dir` overrides the folder.
-  A video that is a folder of frames (.jpg/.png) is read frame by frame (sorted by name).
+  lmms-eval does for clevrer and star, `data0613/`; then MVBench's own `main`-branch folder
+  (MAIN_LIST: star/Charades_v1_480, ssv2_video, nturgbd, tvqa/frames_fps3_hq, ...) under the
+  root or `video/`, whose start/end tasks hold whole videos: there only the [start, end] seconds
+  are sampled (the segment lmms-eval's `video` branch has cut), episodic_reasoning's frames at
+  3 fps. A name is also found with another video extension (ssv2's .webm). `--video-dir`
+  overrides the folder. A video that is a folder of frames (.jpg/.png) is read frame by frame
+  (sorted by name; only the sampled frames are decoded).
 
 Scoring: lmms-eval's `mcq_acc` (answers.py). Aggregation as lmms-eval: a task's accuracy counts
 only samples whose response is not empty (its denominator quirk; `accuracy_all` counts them as
@@ -52,6 +58,35 @@ DATA_LIST = {
     "egocentric_navigation": "vlnqa",
 }
 TASKS = tuple(DATA_LIST)
+# task -> (folder, has a segment) in MVBench's own `main` branch (its video/*.zip archives, the
+# official evaluation's data_list): there the start/end tasks hold the whole source videos and ask
+# about [start, end] seconds of them (lmms-eval's `video` branch has those segments cut), and
+# episodic_reasoning is a folder of frames extracted at 3 fps
+MAIN_LIST = {
+    "action_sequence": ("star/Charades_v1_480", True),
+    "moving_count": ("clevrer/video_validation", False),
+    "action_prediction": ("star/Charades_v1_480", True),
+    "episodic_reasoning": ("tvqa/frames_fps3_hq", True),
+    "action_antonym": ("ssv2_video", False),
+    "action_count": ("perception/videos", False),
+    "scene_transition": ("scene_qa/video", False),
+    "object_shuffle": ("perception/videos", False),
+    "object_existence": ("clevrer/video_validation", False),
+    "fine_grained_pose": ("nturgbd", False),
+    "unexpected_action": ("FunQA_test/test", False),
+    "moving_direction": ("clevrer/video_validation", False),
+    "state_change": ("perception/videos", False),
+    "object_interaction": ("star/Charades_v1_480", True),
+    "character_order": ("perception/videos", False),
+    "action_localization": ("sta/sta_video", True),
+    "counterfactual_inference": ("clevrer/video_validation", False),
+    "fine_grained_action": ("Moments_in_Time_Raw/videos", False),
+    "moving_attribute": ("clevrer/video_validation", False),
+    "egocentric_navigation": ("vlnqa", False),
+}
+FRAME_FPS = {"episodic_reasoning": 3.0}
+# a row's file name may carry another container than the file (ssv2: .webm files; NTU: .avi)
+VIDEO_EXTS = (".mp4", ".webm", ".avi", ".mkv", ".MP4")
 REQUIRED = ("video", "question", "candidates", "answer")
 
 
@@ -93,16 +128,23 @@ class MVBench(Task):
         return {"task": "mvbench", "tasks": self.tasks, "convention": "mvbench", "convention_note": MVBENCH_NOTE,
                 "post_prompt": self.post_prompt, "data": os.path.abspath(self.root)}
 
-    def _video(self, task: str, name: str) -> str | None:
-        folder = DATA_LIST[task]
-        roots = ([self.video_dir] if self.video_dir else
-                 [os.path.join(self.root, folder), os.path.join(self.root, "video", folder),
-                  os.path.join(self.root, "data0613", folder)])
-        for r in roots:
-            p = os.path.join(r, name)
-            if os.path.exists(p):
-                return p
-        return None
+    def _video(self, task: str, name: str) -> tuple[str | None, bool]:
+        """(path, found in the main-branch layout) of a row's video: lmms-eval's folder (under the
+        root, video/ or data0613/) first, then MVBench's own (main-branch) folder; a name whose
+        file has another video extension is found too."""
+        if self.video_dir:
+            places = [(self.video_dir, False)]
+        else:
+            places = [(os.path.join(self.root, sub, DATA_LIST[task]), False) for sub in ("", "video", "data0613")]
+            places += [(os.path.join(self.root, sub, MAIN_LIST[task][0]), True) for sub in ("", "video")]
+        stem, ext = os.path.splitext(name)
+        names = [name] + ([stem + e for e in VIDEO_EXTS if e != ext] if ext.lower() in VIDEO_EXTS else [])
+        for folder, main in places:
+            for n in names:
+                p = os.path.join(folder, n)
+                if os.path.exists(p):
+                    return p, main
+        return None, False
 
     def samples(self) -> list[Sample]:
         out, index = [], 0
@@ -134,10 +176,19 @@ class MVBench(Task):
             s.error, s.reason = f"answer {row['answer']!r:.60} is not one of the candidates", "answer outside the options"
             return s
         s.answer = string.ascii_uppercase[cands.index(row["answer"])]
-        s.video = self._video(task, str(row["video"]))
+        s.video, main = self._video(task, str(row["video"]))
         if s.video is None:
-            s.error = f"missing video {row['video']} (looked in {DATA_LIST[task]} under {self.video_dir or self.root})"
+            s.error = (f"missing video {row['video']} (looked in {DATA_LIST[task]} and {MAIN_LIST[task][0]} "
+                       f"under {self.video_dir or self.root})")
             s.reason = "missing video"
+        elif main and MAIN_LIST[task][1] and row.get("start") not in (None, "") and row.get("end") not in (None, ""):
+            try:
+                s.extra["segment"] = [float(row["start"]), float(row["end"])]
+            except (TypeError, ValueError):
+                s.error, s.reason = f"start/end must be seconds, got {row['start']!r}, {row['end']!r}", "malformed row"
+                return s
+            if task in FRAME_FPS:
+                s.extra["frame_fps"] = FRAME_FPS[task]
         return s
 
     def prompt(self, sample: Sample, media=None, frames: int | None = None) -> str:

@@ -8,7 +8,8 @@
 
 Resume: a restarted run reads every `samples.rank*.jsonl` in the folder and skips samples that
 have a record (answered, or failed on bad data); a torn last line from a crash is cut off before
-appending. Runtime failures (e.g. out of memory) are retried on restart; `retry_errors=True`
+appending. run.json holds the settings and a fingerprint of the data (`fingerprint`): a restart
+with other settings or on changed data is refused. Runtime failures (e.g. out of memory) are retried on restart; `retry_errors=True`
 retries data failures too.
 
 Data parallel: with `accelerate launch` (or torchrun) each process reads RANK / WORLD_SIZE /
@@ -31,7 +32,8 @@ from dataclasses import dataclass, field
 
 from ..errors import InputError, MmkvError
 
-IGNORED_CONFIG = ("data", "mmkv_version", "convention_note", "device", "dtype")
+IGNORED_CONFIG = ("data", "mmkv_version", "convention_note", "device", "dtype", "dataset_fingerprint",
+                  "dataset_samples")
 STAT_FIELDS = ("frames", "visual_tokens_in", "visual_tokens_kept", "prompt_tokens", "kv_bytes", "kv_bytes_fp16",
                "encode_s", "prefill_s", "decode_s", "new_tokens", "peak_memory_bytes", "peak_memory_kind")
 
@@ -208,22 +210,70 @@ def _stats(stats) -> dict:
     return d
 
 
-def _video_input(path: str):
-    """A video file path, or the frames of a folder of images ([T, H, W, 3], sorted by name)."""
-    if not os.path.isdir(path):
-        return path
-    import numpy as np
-    from PIL import Image
+def _span(total: int, fps: float, segment) -> tuple[int, int]:
+    """First and last frame index of `segment` ([start, end] seconds; None: the whole video)."""
+    if segment is None or not fps > 0:
+        return 0, total - 1
+    lo = min(max(int(round(float(segment[0]) * fps)), 0), total - 1)
+    return lo, min(max(int(round(float(segment[1]) * fps)), lo), total - 1)
 
-    names = sorted(n for n in os.listdir(path) if n.lower().endswith((".jpg", ".jpeg", ".png")))
-    if not names:
-        raise InputError(f"{path!r} is a folder with no .jpg/.png frames")
-    return np.stack([np.asarray(Image.open(os.path.join(path, n)).convert("RGB")) for n in names])
+
+def _video_input(path: str, enc_kw: dict | None = None, segment=None, frame_fps: float | None = None):
+    """What to encode: a video file's path (the pipeline samples it), or a Media of the frames the
+    sampling (`enc_kw`: frames / fps / max_frames) picks from the `segment` [start, end] seconds of
+    a file, or from a folder of images (sorted by name; only the sampled ones are read; `frame_fps`
+    is the folder's frame rate, 1 by default). Timestamps start at 0 at the segment's start, as in
+    a clip cut from it."""
+    import dataclasses
+
+    from ..io.video import load_media, sample_indices
+
+    enc_kw = enc_kw or {}
+    if os.path.isdir(path):
+        import numpy as np
+        from PIL import Image
+
+        names = sorted(n for n in os.listdir(path) if n.lower().endswith((".jpg", ".jpeg", ".png")))
+        if not names:
+            raise InputError(f"{path!r} is a folder with no .jpg/.png frames")
+        fps = float(frame_fps or 1.0)
+        lo, hi = _span(len(names), fps, segment)
+        sel = lo + sample_indices(hi - lo + 1, fps, **enc_kw)
+        arr = np.stack([np.asarray(Image.open(os.path.join(path, names[i])).convert("RGB")) for i in sel])
+        media = load_media(arr, video_fps=fps)
+        return dataclasses.replace(media, timestamps=(sel - lo) / fps, total_frames=hi - lo + 1)
+    if segment is None:
+        return path
+    media = load_media(path, frames=1)
+    lo, hi = _span(media.total_frames, media.source_fps, segment)
+    idx = lo + sample_indices(hi - lo + 1, media.source_fps, **enc_kw)
+    return dataclasses.replace(media, indices=idx, timestamps=(idx - lo) / media.source_fps, total_frames=hi - lo + 1)
 
 
 def _runtime_error(e: BaseException) -> str:
     msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return f"{type(e).__name__}: {msg}"[:500]
+
+
+def _file_id(path) -> list | None:
+    """(name, size) of a file, so moving a dataset keeps its fingerprint and editing it does not."""
+    if not isinstance(path, str) or not os.path.isfile(path):
+        return None
+    return [os.path.basename(path), os.path.getsize(path)]
+
+
+def fingerprint(samples: list[Sample]) -> str:
+    """A hash of what the samples ask: keys, questions, options, answers, groups, data errors and
+    the name and size of each video and subtitle file (not their folder, so a moved copy of the
+    data resumes). A restart whose data hashes differently is refused (check_config)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for s in samples:
+        item = [s.key, s.index, s.cluster, s.video_id, s.question, s.options, s.answer, s.group, s.reason,
+                _file_id(s.video), sorted((k, _file_id(v) if isinstance(v, str) else v) for k, v in s.extra.items())]
+        h.update(json.dumps(item, ensure_ascii=False, default=str, sort_keys=True).encode() + b"\n")
+    return h.hexdigest()[:16]
 
 
 def check_config(out_dir: str, config: dict, overwrite: bool) -> None:
@@ -236,6 +286,13 @@ def check_config(out_dir: str, config: dict, overwrite: bool) -> None:
             shown = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diff[:4])
             raise InputError(f"{out_dir} holds a run with other settings ({shown}); use another --out, "
                              "or --overwrite to start it again")
+        fp_old, fp_new = old.get("dataset_fingerprint"), config.get("dataset_fingerprint")
+        if fp_old is not None and fp_new is not None and fp_old != fp_new:
+            raise InputError(
+                f"{out_dir} holds a run on other data: the dataset changed since it started (fingerprint "
+                f"{fp_old}, {old.get('dataset_samples')} samples -> {fp_new}, {config.get('dataset_samples')} samples: "
+                "questions, options, answers or video files differ), so its finished answers may be to other "
+                "questions. Use another --out, or --overwrite to start again on the new data")
     _atomic_json(path, config)
 
 
@@ -264,8 +321,10 @@ def run(task: Task, out_dir: str, *, model: str = "mmkv-tiny", recipe="none", fr
     recipe_spec = (recipe if isinstance(recipe, mmkv.Recipe) else mmkv.Recipe.parse(recipe)).spec()
     if fps is not None:
         frames = None
+    samples = task.samples()
     config = {**task.config(), "model": str(model if pipe is None else pipe.model_name), "recipe": recipe_spec,
               "frames": frames, "fps": fps, "max_frames": max_frames, "max_new_tokens": max_new_tokens,
+              "dataset_fingerprint": fingerprint(samples), "dataset_samples": len(samples),
               "mmkv_version": mmkv.__version__}
     os.makedirs(out_dir, exist_ok=True)
     if overwrite and rank == 0:
@@ -274,7 +333,6 @@ def run(task: Task, out_dir: str, *, model: str = "mmkv-tiny", recipe="none", fr
                 os.remove(p)
     check_config(out_dir, config, overwrite)
 
-    samples = task.samples()
     if limit is not None:
         samples = samples[:limit]
     _atomic_json(os.path.join(out_dir, "plan.json"),
@@ -322,7 +380,8 @@ def _run_video(task: Task, pipe, group: list[Sample], writer: RecordWriter, rank
 
     first = group[0]
     try:
-        enc = pipe.encode(_video_input(first.video), **enc_kw)
+        enc = pipe.encode(_video_input(first.video, enc_kw, first.extra.get("segment"),
+                                       first.extra.get("frame_fps")), **enc_kw)
     except (InputError, MmkvError) as e:
         for s in group:
             writer.write(_error_record(task, s, rank, "data", "unreadable video", str(e)))
