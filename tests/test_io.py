@@ -1,5 +1,6 @@
 """Video I/O: sampling, timestamps, backends, streaming chunks, bad input."""
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -154,7 +155,7 @@ def _mdat(data: bytes) -> int:
 
 
 def test_truncated_file_samples_only_frames_that_decode(h264, tmp_path):
-    data = open(h264, "rb").read()
+    data = Path(h264).read_bytes()
     start = _mdat(data)
     assert data.find(b"moov") < start  # the header (which promises 45 frames) survives the cut
     cut = tmp_path / "cut.mp4"
@@ -175,7 +176,7 @@ def test_truncated_file_samples_only_frames_that_decode(h264, tmp_path):
 
 @pytest.mark.parametrize("payload", ["random", "zeros", "none"])
 def test_valid_header_without_decodable_payload_is_one_clear_error(h264, tmp_path, payload):
-    data = bytearray(open(h264, "rb").read())
+    data = bytearray(Path(h264).read_bytes())
     start = _mdat(bytes(data))
     rest = len(data) - start
     if payload == "random":
