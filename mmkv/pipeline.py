@@ -389,9 +389,11 @@ class Pipeline:
             raise InputError("the question is empty; ask something about the video")
         if not isinstance(video, Media):
             video = load_media(video, frames=frames, fps=fps, max_frames=max_frames, video_fps=video_fps)
-        # a question longer than the model's context fails before the vision tower runs
-        q = self.adapter.suffix(question, video.kind, 0, self.system if system is None else system)
-        self._check_context(torch.zeros(0, dtype=torch.int8), len(q.ids), 0)
+        # a question longer than the model's context fails before the vision tower runs (media
+        # the family does not take fail in encode)
+        if video.kind in self.adapter.placeholder:
+            q = self.adapter.suffix(question, video.kind, 0, self.system if system is None else system)
+            self._check_context(torch.zeros(0, dtype=torch.int8), len(q.ids), 0)
         # one question: prefill the whole prompt in one pass (as plain generate does), unless the
         # prefix must be compressed on its own first (compress_at="encode")
         enc = self.encode(video, frames=frames, fps=fps, max_frames=max_frames, video_fps=video_fps, system=system,
