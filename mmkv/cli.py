@@ -7,13 +7,16 @@
     mmkv demo          the Gradio app
 
 Errors print one line and exit non-zero (2 for bad input, 1 otherwise); --debug shows tracebacks.
+stdout holds the answer (and the stats); warnings go to stderr, one `mmkv: warning:` line each.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import warnings
 
 SAMPLE_VIDEO = os.path.join(os.path.dirname(__file__), "assets", "sample.mp4")
 SAMPLE_QUESTION_FILE = os.path.join(os.path.dirname(__file__), "assets", "sample.json")
@@ -56,8 +59,25 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="base attention implementation: sdpa, eager or flash_attention_2")
 
 
+def _escape(text: str) -> str:
+    """Text safe for a terminal: control characters (NUL, ESC, CR, ...), U+FFFD (bytes that were
+    not UTF-8) and unassigned or private code points are written as escapes (\\x00, \\ufffd);
+    newlines and tabs stay."""
+    import unicodedata
+
+    out = []
+    for ch in text:
+        if ch in "\n\t" or (ch != "\ufffd" and unicodedata.category(ch) not in ("Cc", "Cs", "Co", "Cn")):
+            out.append(ch)
+        else:
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+    return "".join(out)
+
+
 def _generate(args) -> int:
     import mmkv
+    from mmkv.api import check_request
+    from mmkv.io import load_media
     from mmkv.models.devices import check_placement
 
     video = args.video or SAMPLE_VIDEO
@@ -67,28 +87,38 @@ def _generate(args) -> int:
         args.frames = sample["frames"]  # the sample is short: use all its frames
     if not question:
         raise mmkv.InputError("give a QUESTION after the VIDEO")
-    recipe = mmkv.Recipe.parse(args.recipe)  # fail on bad input before loading anything
+    # everything that can be checked is checked before the model loads
+    recipe = mmkv.Recipe.parse(args.recipe)
+    mmkv.Pipeline.check_options(chunk_frames=args.chunk_frames)
     placement = dict(device_map=args.device_map, max_memory=_max_memory(args.max_memory),
                      offload_folder=args.offload_folder)
     check_placement(args.device, **placement)
-    from mmkv.io import load_media
     media = load_media(video, frames=args.frames, fps=args.fps, max_frames=args.max_frames)
+    check_request(media, question, model=args.model, recipe=recipe, max_new_tokens=args.max_new_tokens)
     pipe = mmkv.load(args.model, recipe, device=args.device, dtype=args.dtype,
                      attn_implementation=args.attn_implementation, chunk_frames=args.chunk_frames, **placement)
-    streamed = []
+    streamed, header = [], []
+
+    def start_answer():  # "Q: .. A:" once the answer starts: what the run printed on stderr comes first
+        if not header and not args.json:
+            header.append(True)
+            print(f"Q: {_escape(question)}\nA: ", end="", flush=True)
 
     def on_text(delta):
         streamed.append(delta)
         if not args.json:
-            print(delta, end="", flush=True)
+            start_answer()
+            print(_escape(delta), end="", flush=True)
 
-    if not args.json:
-        print(f"Q: {question}\nA: ", end="", flush=True)
     show = not args.no_progress and not args.json and sys.stderr.isatty()
     result = pipe.generate(media, question, max_new_tokens=args.max_new_tokens, progress=show, on_text=on_text)
     if args.json:
         print(result.to_json())
         return 0
+    start_answer()
+    done = "".join(streamed).strip()
+    if result.text.startswith(done):  # text the stream held back (an incomplete character at the end)
+        print(_escape(result.text[len(done):]), end="")
     print("\n")
     print(result.stats.table())
     if result.note:
@@ -102,8 +132,13 @@ def _info(args) -> int:
 
     import mmkv
     from mmkv.models import supported_model_types
-    from mmkv.recipe import PRESET_DOCS, PRESETS, available, stage_help
+    from mmkv.recipe import PRESET_DOCS, PRESETS, available, stage_help, stage_info
 
+    if args.json:
+        if args.name:
+            raise mmkv.InputError("--json lists every stage; leave out NAME")
+        print(json.dumps(stage_info(), indent=1))
+        return 0
     if getattr(args, "name", None):
         print(stage_help(args.name))
         return 0
@@ -146,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="supported models, presets and stages; `mmkv info NAME`: one stage's "
                        "parameters and defaults, or a preset's stages")
     i.add_argument("name", nargs="?", help="a stage (e.g. vidkv) or a preset (e.g. balanced)")
+    i.add_argument("--json", action="store_true", help="every stage as JSON: name, kind, main, params "
+                   "(with defaults), needs_question, doc")
     i.set_defaults(func=_info)
 
     for name, module, helptext in (("bench", "benchmarks_cli", "run benchmarks"),
@@ -159,6 +196,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@contextlib.contextmanager
+def _terminal(debug: bool):
+    """stdout holds the answer only: mmkv's warnings print as one `mmkv: warning:` line on stderr;
+    library warnings (transformers' deprecations, ...) are silenced unless --debug."""
+    from mmkv.errors import MmkvWarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = " ".join(str(message).split())
+        if issubclass(category, MmkvWarning):
+            print(f"mmkv: warning: {text}", file=sys.stderr)
+        else:
+            print(f"mmkv: warning: {category.__name__}: {text} ({filename}:{lineno})", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        if debug:
+            yield
+            return
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("default", MmkvWarning)
+        from transformers.utils import logging as hf_logging
+
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            yield
+        finally:
+            hf_logging.set_verbosity(level)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -166,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     from mmkv.errors import MmkvError
 
     try:
-        return int(args.func(args) or 0)
+        with _terminal(debug):
+            return int(args.func(args) or 0)
     except MmkvError as e:
         if debug:
             raise

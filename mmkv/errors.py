@@ -15,3 +15,8 @@ class RecipeError(MmkvError, ValueError):
 
 class ModelError(MmkvError, ValueError):
     """The model cannot be loaded or its family is not supported."""
+
+
+class MmkvWarning(UserWarning):
+    """Something mmkv worked around but you should know (a truncated video, a prompt past the
+    model's trained length). The CLI prints each as one `mmkv: warning:` line on stderr."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -27,7 +28,7 @@ import torch
 
 from .attention import forward_context
 from .cache import SEPARATOR, TEXT, VISUAL, CompressedCache, PressContext
-from .errors import InputError
+from .errors import InputError, MmkvWarning
 from .io import Media, load_media
 from .models.base import Adapter, Prompt
 from .recipe import Recipe
@@ -90,21 +91,25 @@ class Pipeline:
     def __init__(self, adapter: Adapter, recipe: Recipe, base_attn: str = "sdpa", *, chunk_frames: int = 32,
                  prefill_chunk: int = 4096, system: str | None = None, model_name: str = "",
                  compress_at: str = "ask"):
-        if chunk_frames <= 0:
-            raise InputError(f"chunk_frames must be positive, got {chunk_frames}")
-        if prefill_chunk <= 0:
-            raise InputError(f"prefill_chunk must be positive, got {prefill_chunk}")
+        self.check_options(chunk_frames=chunk_frames, prefill_chunk=prefill_chunk, compress_at=compress_at)
         self.adapter = adapter
         self.recipe = recipe
         self.base_attn = base_attn
         self.chunk_frames = adapter.frames_per_chunk(chunk_frames)
         self.prefill_chunk = prefill_chunk
-        if compress_at not in ("ask", "encode"):
-            raise InputError(f"compress_at must be 'ask' or 'encode', got {compress_at!r}")
         self.compress_at = compress_at
         self.system = system
         self.model_name = model_name or getattr(adapter, "path", "")
         self._split_stages()
+
+    @staticmethod
+    def check_options(*, chunk_frames: int = 32, prefill_chunk: int = 4096, compress_at: str = "ask") -> None:
+        """Raise InputError on a nonsensical option (`mmkv.load` calls it before loading a model)."""
+        for name, v in (("chunk_frames", chunk_frames), ("prefill_chunk", prefill_chunk)):
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise InputError(f"{name} must be a positive integer, got {v!r}")
+        if compress_at not in ("ask", "encode"):
+            raise InputError(f"compress_at must be 'ask' or 'encode', got {compress_at!r}")
 
     def with_recipe(self, recipe) -> "Pipeline":
         """A Pipeline over the same loaded model with another recipe (a preset name, a recipe
@@ -160,7 +165,11 @@ class Pipeline:
         a = self.adapter
         if media.kind == "video" and a.video_error:
             raise InputError(a.video_error)
+        for st in self.recipe.stages:  # stages that take some inputs only (globalcom2: AnyRes images)
+            if hasattr(st, "check_input"):
+                st.check_input(media.kind, a)
         stats = Stats(recipe=str(self.recipe), model=self.model_name, frames=media.num_frames, device=str(a.device))
+        stats.extra.update(media.extra)  # a truncated file: frames promised and frames that decode
         report = _progress(progress)
         with peak_memory(a.device) as peak:
             with Timer(a.device) as t_enc:
@@ -169,6 +178,7 @@ class Pipeline:
             keep, token_type, embeds = self._assemble(prefix, vt)
             enc = Encoded(media, vt, prefix, keep, token_type, embeds, None, stats, system)
             if prefill and not self.defer_prefill:
+                self._check_context(token_type, 0, 0)
                 with Timer(a.device) as t_pre:
                     cache = CompressedCache(a.num_layers)
                     cache.set_fused(True)
@@ -260,7 +270,7 @@ class Pipeline:
                 e = min(n, s + self.prefill_chunk)
                 fctx.record_queries = min(record, e - s) if record and e == n else 0
                 out = a.text_model(inputs_embeds=embeds[None, s:e], position_ids=a.model_positions(
-                    positions[:, s:e].to(a.device)), past_key_values=cache, use_cache=True)
+                    positions[:, s:e].to(a.device)), use_cache=True, **{a.cache_kwarg: cache})
                 hidden = out.last_hidden_state[:, -1]
                 report("prefill", e, n)
             pctx.queries = dict(fctx.queries)
@@ -275,7 +285,7 @@ class Pipeline:
         record = 1 if pctx is not None and self._decode_queries else 0
         with forward_context(cache=cache, base=self.base_attn, record_queries=record) as fctx:
             out = a.text_model(inputs_embeds=emb, position_ids=a.model_positions(pos.to(a.device)),
-                               past_key_values=cache, use_cache=True)
+                               use_cache=True, **{a.cache_kwarg: cache})
         if record:
             pctx.queries = dict(fctx.queries)  # this step's query rows, for on_decode
         return a.lm_head(out.last_hidden_state[:, -1]).float()
@@ -320,8 +330,10 @@ class Pipeline:
             ids = torch.cat([torch.tensor(session.pending, dtype=torch.long), turn.ids])
             positions = torch.arange(session.position, start_pos + len(turn.ids)).expand(a.pos_dims, -1).clone()
             next_position = start_pos + len(turn.ids)
+            self._check_context(session.pctx.token_type, len(ids), max_new_tokens)
         else:
             suffix = a.suffix(question, encoded.kind, encoded.prefix.next_text_position, encoded.system)
+            self._check_context(encoded.token_type, len(suffix.ids), max_new_tokens)
             # generated tokens continue after the largest prompt position (as transformers' rope_deltas do)
             next_position = max(encoded.prefix.max_position, suffix.max_position) + 1
             ids, positions = suffix.ids, suffix.positions
@@ -415,11 +427,43 @@ class Pipeline:
         """Encode `video` and answer `question` (the encoding is consumed, not copied)."""
         if not isinstance(question, str) or not question.strip():
             raise InputError("the question is empty; ask something about the video")
+        if not isinstance(video, Media):
+            video = load_media(video, frames=frames, fps=fps, max_frames=max_frames, video_fps=video_fps)
+        # a question longer than the model's context fails before the vision tower runs (media
+        # the family does not take fail in encode)
+        if video.kind in self.adapter.placeholder:
+            q = self.adapter.suffix(question, video.kind, 0, self.system if system is None else system)
+            self._check_context(torch.zeros(0, dtype=torch.int8), len(q.ids), 0)
         # one question: prefill the whole prompt in one pass (as plain generate does), unless the
         # prefix must be compressed on its own first (compress_at="encode")
         enc = self.encode(video, frames=frames, fps=fps, max_frames=max_frames, video_fps=video_fps, system=system,
                           progress=progress, prefill=bool(self.kv_encode))
         return self.ask(enc, question, reuse=False, progress=progress, **ask_kwargs)
+
+    def _check_context(self, token_type: torch.Tensor, n_more_text: int, new_tokens: int) -> None:
+        """Before any prefill: refuse a prompt (prefix tokens `token_type`, `n_more_text` question
+        tokens, `new_tokens` to generate) longer than the model's positions, naming the counts, the
+        limit and what to change; warn when only the model's rope scaling admits it."""
+        trained, allowed, how = self.adapter.context_limit()
+        n_vis = int((token_type != TEXT).sum())
+        n_text = len(token_type) - n_vis + n_more_text
+        total = n_vis + n_text + new_tokens
+        if not trained or total <= trained:
+            return
+        what = f"the prompt is {n_vis + n_text:,} tokens ({n_vis:,} visual + {n_text:,} text)" + (
+            f" + {new_tokens:,} new tokens = {total:,}" if new_tokens else "")
+        if n_vis + n_text <= trained:
+            fix = f"ask for at most {trained - n_vis - n_text:,} new tokens (max_new_tokens)"
+        elif n_text >= n_vis:
+            fix = "shorten the question"
+        else:
+            fix = ("sample fewer frames (frames= / max_frames=, --frames / --max-frames) or add a vision press "
+                   "to the recipe (e.g. 'evs:0.25' or 'pvc')")
+        if allowed is None or total > allowed:
+            scaled = f" with its {how}" if how else " (max_position_embeddings)"
+            raise InputError(f"{what}, over the {allowed or trained:,} positions this model takes{scaled}; {fix}")
+        warnings.warn(f"{what}, past the {trained:,} positions the model was trained on ({how} admits "
+                      f"{allowed:,}; answers may degrade); to stay within them, {fix}", MmkvWarning, stacklevel=3)
 
 
 @dataclass

@@ -81,21 +81,35 @@ def _convert(stage: type[Stage], key: str, raw: str):
 
 
 def parse_stage(text: str) -> Stage:
+    """One stage from `name`, `name:VALUE` or `name:key=value,...`. Refuses an empty stage, an
+    empty parameter and a parameter given twice (`kivi:bits=2,bits=4`, `kivi:2,bits=4`)."""
     _ensure_registered()
     text = text.strip()
-    name, _, arg = text.partition(":")
+    name, colon, arg = text.partition(":")
     name = name.strip().lower()
+    if not name:
+        raise RecipeError(f"empty stage name in {text!r}" if text else "empty stage")
     if name not in STAGES:
         raise RecipeError(f"unknown stage {name!r}. Valid stages: {', '.join(sorted(STAGES))}; "
                           f"presets: {', '.join(sorted(PRESETS))}")
     cls = STAGES[name]
-    kwargs = {}
-    for item in filter(None, (a.strip() for a in arg.split(","))):
+    kwargs, given = {}, {}
+    items = [a.strip() for a in arg.split(",")] if colon else []
+    for item in items:
+        if not item:
+            raise RecipeError(f"{name}: empty parameter in {text!r} (nothing after ':' or between commas)")
         if "=" in item:
             k, _, v = item.partition("=")
-            kwargs[k.strip()] = _convert(cls, k.strip(), v.strip())
-        elif cls.main is not None and cls.main not in kwargs:
-            kwargs[cls.main] = _convert(cls, cls.main, item)
+            k = k.strip()
+        elif cls.main is not None:
+            k, v = cls.main, item
+        else:
+            k = None
+        if k is not None and k in given:
+            raise RecipeError(f"{name}: {k} is given twice ({given[k]!r} and {item!r}); give each parameter once")
+        if k is not None:
+            given[k] = item
+            kwargs[k] = _convert(cls, k, v.strip())
         else:
             raise RecipeError(f"{name}: cannot read {item!r}; write key=value "
                               f"(parameters: {', '.join(f.name for f in dataclasses.fields(cls))})")
@@ -144,6 +158,14 @@ class Recipe:
             raise RecipeError(f"{self.prefill.name} compresses the KV cache itself; to combine it with KV presses "
                               f"({', '.join(s.name for s in self.kv)}) set kv=none on it, e.g. "
                               f"'{self.prefill.name}:kv=none+{self.kv[0].name}'")
+        # the same stage twice: a second pass of a press re-reads its own output (pvc+pvc reports
+        # the first pass's output as "before"; two evictions halve each other's budget), so refuse
+        seen: dict[type, Stage] = {}
+        for s in self.stages:
+            if type(s) in seen:
+                raise RecipeError(f"stage {s.name!r} appears twice in the recipe; each stage runs once: give its "
+                                  f"parameters once (e.g. '{s.name}:key=value,...') or use another stage")
+            seen[type(s)] = s
 
     @property
     def vision(self) -> list[Stage]:
@@ -192,7 +214,11 @@ class Recipe:
             return cls([parse_stage(s) for s in spec.split("+") if s.strip()], text.lower())
         if not text:
             raise RecipeError(f"empty recipe; use 'none' or one of the presets: {', '.join(sorted(PRESETS))}")
-        return cls([parse_stage(s) for s in text.split("+") if s.strip()])
+        parts = text.split("+")
+        if any(not p.strip() for p in parts):
+            raise RecipeError(f"empty stage in recipe {text!r}: a '+' at an end or two in a row; "
+                              "for no compression use 'none'")
+        return cls([parse_stage(s) for s in parts])
 
 
 def available() -> dict[str, list[tuple[str, str]]]:
@@ -230,3 +256,48 @@ def stage_help(name: str) -> str:
         main = f"   <- {cls.name}:VALUE sets it" if f.name == cls.main else ""
         lines.append(f"    {f.name:<16} = {default!r}{main}")
     return "\n".join(lines)
+
+
+def _default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None  # required (no default)
+
+
+def _jsonable(v):
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return str(v)
+
+
+def _needs_question(cls: type[Stage]) -> bool:
+    """A stage's `needs_question` ClassVar, else its `query_aware` (a property is read off the
+    default instance: vidkv needs the question only with stp > 0)."""
+    v = getattr(cls, "needs_question", getattr(cls, "query_aware", False))
+    if isinstance(v, property):
+        try:
+            v = v.fget(cls())
+        except Exception:  # noqa: BLE001 - a stage without a valid default: assume it does
+            v = True
+    return bool(v)
+
+
+def stage_info() -> list[dict]:
+    """One dict per registered stage (aliases are not repeated), what `mmkv info --json` prints:
+    name, kind ("vision", "prefill" or "kv"), main (the parameter `name:VALUE` sets, or None),
+    params ({parameter: default}, JSON values), needs_question (whether the stage cannot run
+    before the question is known) and doc (the first line of its docstring)."""
+    _ensure_registered()
+    out = []
+    for n, cls in sorted(STAGES.items()):
+        if n != cls.name:
+            continue
+        out.append({"name": cls.name, "kind": cls.kind, "main": cls.main,
+                    "params": {f.name: _jsonable(_default(f)) for f in dataclasses.fields(cls)},
+                    "needs_question": _needs_question(cls),
+                    "doc": (cls.__doc__ or "").strip().splitlines()[0] if (cls.__doc__ or "").strip() else ""})
+    return out

@@ -64,5 +64,5 @@ def hf_step_logits(model, pipe, layers_kv, token: int, position: int) -> torch.T
     pos = torch.full((pipe.adapter.pos_dims, 1), position, dtype=torch.long)
     with torch.inference_mode():
         out = model.model.language_model(inputs_embeds=emb, position_ids=pipe.adapter.model_positions(pos),
-                                         past_key_values=cache, use_cache=True)
+                                         use_cache=True, **{pipe.adapter.cache_kwarg: cache})
         return model.lm_head(out.last_hidden_state[:, -1]).float()[0]

@@ -1,12 +1,13 @@
 """Video I/O: sampling, timestamps, backends, streaming chunks, bad input."""
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from mmkv.errors import InputError
-from mmkv.io import load_media, sample_indices
+from mmkv.errors import InputError, MmkvWarning
+from mmkv.io import load_media, probe, sample_indices
 from mmkv.io.video import _DecordSource, _PyAVSource
 from mmkv.synthetic import write_video
 
@@ -128,3 +129,133 @@ def test_truncated_video_is_an_error_not_a_crash(clip, tmp_path):
         assert frames.shape[0] == 4
     except InputError as e:
         assert "cut.mp4" in str(e)
+
+
+# ----------------------------------------------------------------------------- damaged and odd files
+def _bars(n, h=96, w=64, seed=0):
+    """Frame i has a bar at row 2*i over low noise (noise makes packets big, so cuts land mid-video)."""
+    frames = np.random.default_rng(seed).integers(0, 40, (n, h, w, 3), dtype=np.uint8)
+    for i in range(n):
+        frames[i, 2 * i:2 * i + 2, :, :] = 255
+    return frames
+
+
+@pytest.fixture(scope="module")
+def h264(tmp_path_factory):
+    """A 45-frame 15 fps H.264 clip with its index (moov) before the payload, as browsers want."""
+    path = str(tmp_path_factory.mktemp("h") / "bars.mp4")
+    write_video(path, _bars(45), fps=15, codec="h264")
+    return path
+
+
+def _mdat(data: bytes) -> int:
+    at = data.find(b"mdat")
+    assert 0 < at < data.find(b"moov") or data.find(b"moov") < at, "no mdat box"
+    return at + 4
+
+
+def test_truncated_file_samples_only_frames_that_decode(h264, tmp_path):
+    data = Path(h264).read_bytes()
+    start = _mdat(data)
+    assert data.find(b"moov") < start  # the header (which promises 45 frames) survives the cut
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: start + (len(data) - start) // 2])
+    with pytest.warns(MmkvWarning, match="promises 45 frames but only"):
+        m = load_media(str(cut), frames=32)
+    assert m.header_frames == 45 and 0 < m.total_frames < 45
+    assert m.extra == {"video_frames_in_header": 45, "video_frames_decodable": m.total_frames}
+    got = [frame_id(f) for f in m.frames()]
+    # real, distinct frames (none is a copy of the last decodable one), at their real times: with
+    # B-frames a cut also loses frames between the last ones that decode
+    assert got == np.round(m.timestamps * 15).astype(int).tolist()
+    assert len(set(got)) == len(got) == min(32, m.total_frames) and m.indices[-1] == m.total_frames - 1
+    with pytest.warns(MmkvWarning):
+        info = probe(str(cut))
+    assert info["header_frames"] == 45 and info["frames"] == m.total_frames
+
+
+@pytest.mark.parametrize("payload", ["random", "zeros", "none"])
+def test_valid_header_without_decodable_payload_is_one_clear_error(h264, tmp_path, payload):
+    data = bytearray(Path(h264).read_bytes())
+    start = _mdat(bytes(data))
+    rest = len(data) - start
+    if payload == "random":
+        data[start:] = np.random.default_rng(1).integers(0, 256, rest, dtype=np.uint8).tobytes()
+    elif payload == "zeros":
+        data[start:] = bytes(rest)
+    else:
+        del data[start + 8:]
+    bad = tmp_path / f"{payload}.mp4"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(InputError) as e:
+        load_media(str(bad)).frames()
+    msg = str(e.value)
+    assert f"{payload}.mp4" in msg and "decord:" in msg and "pyav:" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("side", [16, 48])
+def test_tiny_h264_falls_back_to_pyav(tmp_path, side):
+    """decord mis-decodes tiny H.264 frames (wrong shape or a failed copy); PyAV reads them."""
+    frames = np.stack([np.full((side, side, 3), 20 * i, np.uint8) for i in range(10)])
+    path = str(tmp_path / f"tiny{side}.mp4")
+    write_video(path, frames, fps=10, codec="h264")
+    m = load_media(path, frames=5)
+    got = m.frames()
+    assert got.shape == (5, side, side, 3)
+    np.testing.assert_allclose(got.reshape(5, -1).mean(1), 20.0 * m.indices, atol=6)
+
+
+def test_decord_failure_while_decoding_hands_over_to_pyav(clip):
+    src = _DecordSource(clip)
+
+    class Broken:
+        def get_batch(self, idx):
+            raise RuntimeError("decoder exploded")
+
+    src._vr = Broken()
+    assert [frame_id(f) for f in src.get(np.array([3, 30]))] == [3, 30]
+
+
+def test_fps_above_the_source_rate_invents_no_frame(clip):
+    idx = sample_indices(132, 25.0, fps=100)
+    assert idx.tolist() == list(range(132))
+    m = load_media(clip, fps=100)
+    assert m.num_frames == 45 and [frame_id(f) for f in m.frames()] == list(range(45))
+    assert sample_indices(132, 25.0, fps=25).tolist() == list(range(132))
+
+
+@pytest.mark.parametrize("fps", [float("inf"), float("nan"), -1.0, 0, True, "2"])
+def test_fps_must_be_finite_and_positive(clip, fps):
+    with pytest.raises(InputError, match="fps must be a finite positive number"):
+        sample_indices(100, 25.0, fps=fps)
+    with pytest.raises(InputError, match="fps"):
+        load_media(clip, fps=fps)
+
+
+def test_in_memory_frames_zero_and_nan_are_refused():
+    arr = np.zeros((6, 16, 16, 3), np.uint8)
+    with pytest.raises(InputError, match="frames must be a positive integer"):
+        load_media(arr, frames=0)
+    with pytest.raises(InputError, match="video_fps"):
+        load_media(arr, video_fps=float("inf"))
+    with pytest.raises(InputError, match="frame 0 holds NaN"):
+        load_media(np.full((3, 16, 16, 3), np.nan, np.float32))
+    part = np.zeros((3, 16, 16, 3), np.float32)
+    part[2, 0, 0, 1] = np.inf
+    with pytest.raises(InputError, match="frame 2 holds NaN or inf"):
+        load_media(part)
+    with pytest.raises(InputError, match="NaN"):
+        load_media(np.full((16, 16, 3), np.nan))  # a single float image
+    assert load_media(np.full((3, 16, 16, 3), 0.5, np.float32)).frames().max() == 127
+
+
+def test_image_named_like_a_video_is_refused(tmp_path):
+    p = tmp_path / "still.mp4"
+    Image.new("RGB", (32, 32), (0, 255, 0)).save(p, format="PNG")
+    for fn in (load_media, probe):
+        with pytest.raises(InputError, match=r"still.mp4' is a PNG image, not a video.*\(\.png\)"):
+            fn(str(p))
+    j = tmp_path / "photo.mov"
+    Image.new("RGB", (32, 32)).save(j, format="JPEG")
+    with pytest.raises(InputError, match=r"JPEG image, not a video.*\.jpg"):
+        load_media(str(j))

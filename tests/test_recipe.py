@@ -48,3 +48,62 @@ def test_recipe_rejects_non_stage_objects():
         Recipe([object()])
     with pytest.raises(RecipeError):
         Recipe.parse(3.5)
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ("++", "empty stage"), ("kivi:2+", "empty stage"), ("+kivi:2", "empty stage"), ("pvc++kivi:2", "empty stage"),
+    (" + ", "empty stage"), ("kivi:", "empty parameter"), ("kivi:2,,group=8", "empty parameter"),
+    ("kivi:bits=2,bits=4", "bits is given twice"), ("kivi:2,bits=4", "bits is given twice"),
+    ("kivi:2,4", "bits is given twice"), ("streaming:recent=8, recent=9,decode=false", "recent is given twice"),
+    (":2", "empty stage name"),
+    ("pvc+pvc", "'pvc' appears twice"), ("pvc:16+evs+pvc:8", "'pvc' appears twice"),
+    ("streaming:recent=8,decode=false+sink:recent=9,decode=false", "'streaming' appears twice"),
+    ("lookm+lookm", "'lookm' appears twice"),
+])
+def test_nonsense_recipes_are_refused(spec, needle):
+    with pytest.raises(RecipeError, match=needle):
+        Recipe.parse(spec)
+
+
+def test_repeated_stage_objects_are_refused():
+    from mmkv.vision import PVC
+    with pytest.raises(RecipeError, match="appears twice"):
+        Recipe([PVC(), PVC(budget=8)])
+    with pytest.raises(RecipeError, match="empty stage"):
+        Recipe.parse(["kivi:2", ""])
+
+
+def test_stage_info_lists_every_stage_once():
+    import json
+
+    from mmkv.recipe import STAGES, stage_info
+    info = stage_info()
+    assert json.loads(json.dumps(info)) == info
+    assert sorted(d["name"] for d in info) == sorted({c.name for c in STAGES.values()})
+    for d in info:
+        assert set(d) == {"name", "kind", "main", "params", "needs_question", "doc"}
+        cls = STAGES[d["name"]]
+        assert d["kind"] in ("vision", "prefill", "kv") and d["kind"] == cls.kind
+        assert d["main"] is None or d["main"] in d["params"]
+        assert isinstance(d["needs_question"], bool) and d["doc"] and "\n" not in d["doc"]
+        Recipe.parse(d["name"])  # every listed name parses
+    by = {d["name"]: d for d in info}
+    assert by["kivi"]["params"]["bits"] == 2 and by["kivi"]["main"] == "bits"
+    assert by["lookm"]["needs_question"] is True and by["kivi"]["needs_question"] is False
+    assert by["zipvl"]["needs_question"] is False  # query_aware is a parameter, off by default
+    assert "sink" not in by and "look-m" not in by  # aliases are not stages of their own
+
+
+def test_needs_question_classvar_wins():
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from mmkv.recipe import _needs_question
+    from mmkv.stages import Stage
+
+    @dataclass
+    class Late(Stage):
+        needs_question: ClassVar[bool] = True
+        query_aware: ClassVar[bool] = False
+
+    assert _needs_question(Late) is True

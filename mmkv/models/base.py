@@ -9,6 +9,8 @@ An adapter wraps a loaded HF model and its processor and provides:
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -20,6 +22,7 @@ from ..vision.base import VisualTokens
 from .devices import execution_device
 
 ADAPTERS: dict[str, type["Adapter"]] = {}
+_LONG_ROPE = ("linear", "dynamic", "yarn", "longrope", "llama3")  # rope scalings that extend the context
 _SENTINEL = "\u2063MMKV_QUESTION\u2063"
 _SENTINELS = tuple(f"\u2063MMKV_TURN{i}\u2063" for i in range(3))
 
@@ -68,6 +71,7 @@ class Adapter:
     pos_dims: ClassVar[int] = 1
     temporal_patch: ClassVar[int] = 1  # frames per temporal slot
     video_error: ClassVar[str | None] = None  # set by families that take images only: the error to raise
+    image_view_scores: ClassVar[bool] = False  # AnyRes images carry per-view scores (meta["view_scores"])
 
     def __init__(self, model, processor):
         self.model = model
@@ -121,6 +125,28 @@ class Adapter:
     @property
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
+
+    @functools.cached_property
+    def cache_kwarg(self) -> str:
+        """The language model's name for the KV cache argument: `cache` (transformers >= 5.24,
+        which deprecates `past_key_values` with a warning) or `past_key_values` (earlier)."""
+        params = inspect.signature(self.text_model.forward).parameters
+        return "cache" if "cache" in params else "past_key_values"
+
+    def context_limit(self) -> tuple[int | None, int | None, str]:
+        """(positions the language model was trained on, positions its rope scaling admits, the
+        scaling's name or ""); None when the config does not say."""
+        cfg = self.text_config
+        n = getattr(cfg, "max_position_embeddings", None)
+        rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+        if isinstance(rope, dict) and rope and all(isinstance(v, dict) for v in rope.values()):
+            rope = next(iter(rope.values()))  # per layer type: the first
+        kind = (rope.get("rope_type") or rope.get("type")) if isinstance(rope, dict) else None
+        factor = rope.get("factor") if isinstance(rope, dict) else None
+        if n and kind in _LONG_ROPE and factor and float(factor) > 1:
+            trained = int(rope.get("original_max_position_embeddings") or n)
+            return trained, max(int(n), int(trained * float(factor))), f"{kind} rope scaling x{float(factor):g}"
+        return n, n, ""
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.text_model.embed_tokens(ids.to(self.device))

@@ -29,6 +29,7 @@ class LlavaNextAdapter(Adapter):
     temporal_patch = 1
     placeholder = {"image": "<image>"}
     video_error = "LLaVA-NeXT takes images only; for videos use LLaVA-OneVision, Qwen2-VL or Qwen2.5-VL"
+    image_view_scores = True
 
     def __init__(self, model, processor):
         super().__init__(model, processor)

@@ -22,6 +22,7 @@ class LlavaOnevisionAdapter(Adapter):
     pos_dims = 1
     temporal_patch = 1
     placeholder = {"video": "<video>", "image": "<image>"}
+    image_view_scores = True
 
     def _feature_kwargs(self):
         c = self.model.config

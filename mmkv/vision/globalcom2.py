@@ -83,15 +83,21 @@ class GlobalCom2(VisionPress):
         check(isinstance(self.temperature, (int, float)) and self.temperature > 0,
               f"globalcom2: temperature must be positive, got {self.temperature!r}")
 
-    def compress(self, tokens: VisualTokens, ctx: VisionContext) -> VisualTokens:
-        if tokens.kind != "image":
+    def check_input(self, kind: str, adapter) -> None:
+        """Refuse a video, or a family whose adapter gives no per-view scores (before any work)."""
+        if kind != "image":
             raise InputError("globalcom2 compresses AnyRes images (thumbnail + crops); this input is a video. "
                              "Use pvc, evs, pool or random for videos")
-        meta = tokens.meta
-        if "view_scores" not in meta:
-            fam = getattr(getattr(ctx, "adapter", None), "family", "this model")
+        if not getattr(adapter, "image_view_scores", False):
+            fam = getattr(adapter, "family", "") or "this model"
             raise InputError(f"globalcom2 needs per-view attention scores of an AnyRes image, which the {fam} "
                              "adapter does not provide; supported families: llava_next, llava_onevision")
+
+    def compress(self, tokens: VisualTokens, ctx: VisionContext) -> VisualTokens:
+        self.check_input(tokens.kind, getattr(ctx, "adapter", None))
+        meta = tokens.meta
+        if "view_scores" not in meta:
+            raise InputError("globalcom2 needs per-view attention scores of an AnyRes image; this image has none")
         scores = meta["view_scores"].float().cpu()                 # [V, side_h * side_w]
         side_h, side_w = meta["base_grid"]
         nph, npw = meta.get("crop_grid", (0, 0))
