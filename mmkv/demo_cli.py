@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args):
-    from mmkv.demo.core import DemoConfig
+    from mmkv.demo.config import DemoConfig
 
     return DemoConfig(models=args.models or ["mmkv-tiny"], allow_custom_model=args.allow_custom_model,
                       recipe=args.recipe, max_upload=args.max_upload,

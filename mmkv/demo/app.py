@@ -5,7 +5,7 @@
     app.launch(server_name="127.0.0.1", server_port=7860, max_file_size=app.mmkv_config.max_upload_bytes)
 
 or `mmkv demo` (see `mmkv demo -h`). `launch()` below does the same and cleans the upload folder
-on exit. The handlers are thin: the work is in `mmkv.demo.core.Demo`.
+on exit. The handlers are thin: the work is in `mmkv.demo.state.Demo`.
 """
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ import shutil
 import time
 
 from ..errors import InputError
-from .core import (CSS, SAMPLE_VIDEO, Demo, DemoConfig, UploadDir, check_upload, layers_html, memory_html,
-                   preset_rows, recipe_choices, sample_question, stage_rows, stats_rows, status_html, thumbnails,
-                   timing_html, tokens_html, user_message)
+from .config import SAMPLE_VIDEO, DemoConfig
+from .render import CSS, layers_html, memory_html, stats_rows, status_html, timing_html, tokens_html
+from .state import Demo, preset_rows, recipe_choices, sample_question, stage_rows
+from .thumbs import thumbnails
+from .uploads import UploadDir, check_upload, user_message
 
 log = logging.getLogger("mmkv.demo")
 

@@ -1,0 +1,163 @@
+"""Uploads: the checks a file passes before any model work (`check_upload`), the one folder
+uploads are written to (`UploadDir`, with its clean-up), and the one-line messages users see."""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+
+from ..errors import InputError, MmkvError
+from .config import DemoConfig, human_bytes, human_seconds
+
+
+# ----------------------------------------------------------------------------- errors
+def user_message(err: BaseException, paths: dict[str, str] | None = None) -> str:
+    """One clear line for the page; server paths are replaced by the names users know."""
+    if isinstance(err, MmkvError):
+        msg = str(err)
+    elif type(err).__name__ == "OutOfMemoryError":
+        msg = "out of GPU memory: sample fewer frames or pick a recipe that compresses more"
+        try:  # give the failed request's memory back before the next one
+            import torch
+
+            torch.cuda.empty_cache()
+        except Exception:  # noqa: BLE001
+            pass
+    else:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        msg = f"internal error ({type(err).__name__}: {first}); the app is still running, try again"
+    for path, name in (paths or {}).items():
+        if path:
+            msg = msg.replace(repr(path), repr(name)).replace(path, name)
+    return msg
+
+
+# ----------------------------------------------------------------------------- uploads
+@dataclass
+class UploadInfo:
+    path: str
+    name: str
+    size: int
+    frames: int
+    fps: float
+    duration: float
+    backend: str
+    codec: str = ""
+
+    @property
+    def browser_playable(self) -> bool | None:
+        """Whether browsers play this codec (None: unknown). Unplayable videos still work."""
+        return None if not self.codec else self.codec in BROWSER_CODECS
+
+    def describe(self) -> str:
+        fps = f"{self.fps:g} fps" if self.fps else "unknown fps"
+        text = f"{self.name}: {human_seconds(self.duration)} ({self.frames} frames at {fps}), {human_bytes(self.size)}"
+        if self.browser_playable is False:
+            text += f"; browsers cannot play its {self.codec} codec, but the model reads it"
+        return text
+
+
+BROWSER_CODECS = {"h264", "vp8", "vp9", "av1", "theora", "hevc"}
+
+
+def video_codec(path: str) -> str:
+    """The video codec's name from the container header ("" when it cannot be read)."""
+    try:
+        import av
+
+        with av.open(path) as c:
+            return c.streams.video[0].codec_context.name if c.streams.video else ""
+    except Exception:  # noqa: BLE001 - informative only
+        return ""
+
+
+def check_upload(path: str | None, config: DemoConfig, name: str | None = None) -> UploadInfo:
+    """Check an uploaded file before any model work: it exists, is within the size limit, is a video
+    with at least one frame, and is not longer than `max_duration`. Raises InputError naming the
+    problem (with the file's own name, not its server path)."""
+    from ..io import probe
+    from ..io.video import IMAGE_EXTENSIONS
+
+    if not path:
+        raise InputError("no video: upload a video file first")
+    name = name or os.path.basename(path)
+    if not os.path.isfile(path):
+        raise InputError(f"the upload of {name!r} was lost; upload it again")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise InputError(f"{name!r} is empty (0 bytes)")
+    limit = config.max_upload_bytes
+    if limit is not None and size > limit:
+        raise InputError(f"{name!r} is {human_bytes(size)}, over this demo's upload limit of {human_bytes(limit)}")
+    if os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS:
+        raise InputError(f"{name!r} is an image; this demo takes a video file (mp4, webm, mkv, avi, mov)")
+    try:
+        info = probe(path)
+    except InputError as e:
+        raise InputError(user_message(e, {path: name})) from None
+    if info["frames"] <= 0:
+        raise InputError(f"{name!r} contains zero video frames")
+    duration = float(info["duration"]) if info["duration"] else float("nan")
+    if config.max_duration is not None and duration == duration and duration > config.max_duration:
+        raise InputError(f"{name!r} lasts {human_seconds(duration)}, over this demo's limit of "
+                         f"{human_seconds(config.max_duration)}")
+    return UploadInfo(path, name, size, int(info["frames"]), float(info["fps"] or 0.0), duration, info["backend"],
+                      video_codec(path))
+
+
+class UploadDir:
+    """The one folder uploads are written to, and its clean-up (an age limit, and removal on close)."""
+
+    def __init__(self, path: str | None = None):
+        import atexit
+
+        self.owned = path is None
+        self.path = os.path.realpath(tempfile.mkdtemp(prefix="mmkv-demo-") if path is None else path)
+        os.makedirs(self.path, exist_ok=True)
+        atexit.register(self.remove)  # also when the process ends without close() (an exception, SIGTERM)
+
+    def contains(self, path: str) -> bool:
+        p = os.path.realpath(path)
+        return os.path.commonpath([p, self.path]) == self.path
+
+    def discard(self, path: str) -> None:
+        """Delete one upload (and its folder when that becomes empty)."""
+        if not self.contains(path):
+            raise ValueError(f"{path!r} is not inside the upload folder {self.path!r}")
+        try:
+            os.remove(path)
+            parent = os.path.dirname(os.path.realpath(path))
+            if parent != self.path:
+                os.rmdir(parent)  # only succeeds when empty
+        except OSError:
+            pass
+
+    def sweep(self, max_age: float) -> int:
+        """Delete files older than `max_age` seconds (and empty folders); returns how many files."""
+        now, n = time.time(), 0
+        for root, dirs, files in os.walk(self.path, topdown=False):
+            for f in files:
+                p = os.path.join(root, f)
+                try:
+                    if now - os.path.getmtime(p) > max_age:
+                        os.remove(p)
+                        n += 1
+                except OSError:
+                    pass
+            if root != self.path:
+                try:
+                    os.rmdir(root)  # only succeeds when empty
+                except OSError:
+                    pass
+        return n
+
+    def remove(self) -> None:
+        import shutil
+
+        if self.owned:
+            shutil.rmtree(self.path, ignore_errors=True)
+        else:
+            self.sweep(-1.0)
+
+
