@@ -60,8 +60,12 @@ def files(tmp_path_factory):
     from PIL import Image
 
     Image.new("RGB", (32, 32), (200, 10, 10)).save(image)
+    disguised = {}  # images renamed .mp4: their content, not their name, says what they are
+    for fmt in ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF"):
+        disguised[fmt] = str(d / f"{fmt.lower()}_photo.mp4")
+        Image.new("RGB", (32, 32), (200, 10, 10)).save(disguised[fmt], format=fmt)
     return {"garbage": str(garbage), "empty": str(empty), "image": str(image), "big": str(big),
-            "text": str(text),
+            "text": str(text), "png_mp4": disguised["PNG"], "disguised": disguised,
             "zero": _write_video(str(d / "zero.mp4"), 0), "long": _write_video(str(d / "long.mp4"), 40)}
 
 
@@ -131,6 +135,15 @@ def test_check_upload_rejects_bad_files(files, kind, pattern):
         check_upload(path, DemoConfig())
     msg = str(e.value)
     assert os.path.basename(path) in msg and os.path.dirname(path) not in msg  # the user's name, not the server path
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF"])
+def test_check_upload_refuses_an_image_renamed_mp4(files, fmt):
+    """An image named .mp4 decodes as a 1-frame video: refused by its content, naming the format."""
+    path = files["disguised"][fmt]
+    with pytest.raises(InputError, match=f"is an? {fmt} image, not a video") as e:
+        check_upload(path, DemoConfig())
+    assert os.path.basename(path) in str(e.value) and os.path.dirname(path) not in str(e.value)
 
 
 def test_check_upload_limits(files):

@@ -63,18 +63,54 @@ BROWSER_CODECS = {"h264", "vp8", "vp9", "av1", "theora", "hevc"}
 
 def video_codec(path: str) -> str:
     """The video codec's name from the container header ("" when it cannot be read)."""
+    return _container(path)[1]
+
+
+def _container(path: str) -> tuple[str, str]:
+    """(demuxer name, video codec name) from PyAV's reading of the header; ("", "") if unreadable."""
     try:
         import av
 
         with av.open(path) as c:
-            return c.streams.video[0].codec_context.name if c.streams.video else ""
+            return c.format.name, (c.streams.video[0].codec_context.name if c.streams.video else "")
     except Exception:  # noqa: BLE001 - informative only
-        return ""
+        return "", ""
+
+
+# leading bytes of still-image formats (decoders read any of them as a 1-frame "video")
+_IMAGE_MAGIC = [(b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+                (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"BM", "BMP"), (b"qoif", "QOI")]
+_IMAGE_BRANDS = {b"avif": "AVIF", b"heic": "HEIC", b"heix": "HEIC", b"mif1": "HEIF"}  # ISO-BMFF stills
+# PyAV's demuxers of single images (their names end in "_pipe": png_pipe, jpeg_pipe, webp_pipe, ...)
+_IMAGE_DEMUXERS = {"image2": "image", "gif": "GIF", "apng": "PNG"}
+
+
+def image_format(path: str) -> str | None:
+    """The image format of `path` judged by its content, not its name ("PNG", "JPEG", ...), or None
+    for anything else. Reads the first bytes, then (for formats without a clear signature) asks
+    PyAV which demuxer opens the file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return None
+    for magic, fmt in _IMAGE_MAGIC:
+        if head.startswith(magic) and (fmt != "BMP" or len(head) >= 14):
+            return fmt
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head[4:8] == b"ftyp" and head[8:12] in _IMAGE_BRANDS:
+        return _IMAGE_BRANDS[head[8:12]]
+    demuxer = _container(path)[0].split(",")[0]
+    if demuxer.endswith("_pipe"):
+        return demuxer[: -len("_pipe")].upper()
+    return _IMAGE_DEMUXERS.get(demuxer)
 
 
 def check_upload(path: str | None, config: DemoConfig, name: str | None = None) -> UploadInfo:
     """Check an uploaded file before any model work: it exists, is within the size limit, is a video
-    with at least one frame, and is not longer than `max_duration`. Raises InputError naming the
+    by its content (an image renamed .mp4 is refused), has at least one frame, and is not longer
+    than `max_duration`. Raises InputError naming the
     problem (with the file's own name, not its server path)."""
     from ..io import probe
     from ..io.video import IMAGE_EXTENSIONS
@@ -92,6 +128,11 @@ def check_upload(path: str | None, config: DemoConfig, name: str | None = None) 
         raise InputError(f"{name!r} is {human_bytes(size)}, over this demo's upload limit of {human_bytes(limit)}")
     if os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS:
         raise InputError(f"{name!r} is an image; this demo takes a video file (mp4, webm, mkv, avi, mov)")
+    fmt = image_format(path)
+    if fmt is not None:
+        article = "an" if fmt[0] in "AEFHILMNORSX" else "a"
+        raise InputError(f"{name!r} is {article} {fmt} image, not a video (whatever its name says); this demo "
+                         "takes a video file (mp4, webm, mkv, avi, mov)")
     try:
         info = probe(path)
     except InputError as e:
