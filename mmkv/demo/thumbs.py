@@ -1,6 +1,40 @@
 """The pictures of an encoding: one thumbnail per temporal slot with the kept-token grid drawn
-on it (cells of dropped tokens darkened)."""
+on it (cells of dropped tokens darkened), and the words for a slot.
+
+A temporal slot is what the vision encoder turns into one grid of tokens: one frame for
+LLaVA-OneVision, a pair of consecutive frames for Qwen2-VL / Qwen2.5-VL (temporal patch 2).
+"""
 from __future__ import annotations
+
+import os
+
+
+def frames_per_slot(enc) -> int:
+    """Sampled frames per temporal slot of an encoding (2 for Qwen2-VL videos, 1 otherwise)."""
+    t = enc.visual.grid[0]
+    return max(1, -(-enc.media.num_frames // t)) if t > 0 and enc.media.kind != "image" else 1
+
+
+def slot_words(enc) -> tuple[str, str]:
+    """(singular, plural) of what one temporal slot is: "frame pair(s)", "frame(s)", "group(s) of k frames"."""
+    k = frames_per_slot(enc)
+    if k == 1:
+        return "frame", "frames"
+    if k == 2:
+        return "frame pair", "frame pairs"
+    return f"group of {k} frames", f"groups of {k} frames"
+
+
+def slots_phrase(enc) -> str:
+    """e.g. "16 sampled frames = 8 frame pairs of 4 tokens each" (what the status and the token
+    card both say, so their counts agree)."""
+    T, H, W = enc.visual.grid
+    one, many = slot_words(enc)
+    n = enc.media.num_frames
+    frames = f"{n} sampled frame{'s' if n != 1 else ''}"
+    if frames_per_slot(enc) == 1:
+        return f"{frames}, {H * W} tokens each"
+    return f"{frames} = {T} {one if T == 1 else many} of {H * W} tokens each"
 
 
 def _slot_frames(enc, slots: list[int]):
@@ -78,3 +112,18 @@ def thumbnails(enc, n: int = 12, width: int = 224) -> list[tuple[object, str]]:
         out.append((overlay(frame, (H, W), kept, width=width), f"{when}kept {len(kept)}/{H * W}"))
     return out
 
+
+
+def save_thumbnails(items: list[tuple[object, str]], folder: str, prefix: str) -> list[tuple[str, str]]:
+    """Write `thumbnails()` output as WebP files named `prefix`-k.webp into `folder` (created;
+    earlier files there are deleted); returns [(path, caption)] for a Gradio Gallery."""
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder, exist_ok=True)
+    out = []
+    for k, (img, caption) in enumerate(items):
+        path = os.path.join(folder, f"{prefix}-{k:03d}.webp")
+        img.save(path, "WEBP", quality=85)
+        out.append((path, caption))
+    return out
