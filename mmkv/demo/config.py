@@ -76,6 +76,8 @@ class DemoConfig:
     session_ttl:       seconds an idle browser session keeps its chat and encoding.
     upload_dir:        where uploads are stored (None: a fresh temporary folder, removed on exit).
     upload_ttl:        uploads older than this many seconds are deleted (checked every ttl / 4).
+    unclaimed_ttl:     uploads no session uses (never checked by the demo, e.g. posted straight to
+                       Gradio's upload endpoint, or given up) are deleted once this many seconds old.
     thumbnails:        frames shown with the kept-token overlay.
     device, dtype, attn_implementation: passed to `mmkv.load`.
     """
@@ -95,6 +97,7 @@ class DemoConfig:
     session_ttl: float = 3 * 3600.0
     upload_dir: str | None = None
     upload_ttl: float = 3 * 3600.0
+    unclaimed_ttl: float = 600.0
     thumbnails: int = 12
     device: str | None = None
     dtype: str = "auto"
@@ -115,7 +118,7 @@ class DemoConfig:
             raise InputError(f"the default frames ({self.frames}) exceed max_frames ({self.max_frames})")
         if self.max_duration is not None and not self.max_duration > 0:
             raise InputError(f"max_duration must be positive seconds (or None), got {self.max_duration!r}")
-        for name in ("session_ttl", "upload_ttl"):
+        for name in ("session_ttl", "upload_ttl", "unclaimed_ttl"):
             if not getattr(self, name) > 0:
                 raise InputError(f"demo setting {name} must be positive seconds, got {getattr(self, name)!r}")
 

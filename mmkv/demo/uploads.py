@@ -110,8 +110,8 @@ def image_format(path: str) -> str | None:
 def check_upload(path: str | None, config: DemoConfig, name: str | None = None) -> UploadInfo:
     """Check an uploaded file before any model work: it exists, is within the size limit, is a video
     by its content (an image renamed .mp4 is refused), has at least one frame, and is not longer
-    than `max_duration`. Raises InputError naming the
-    problem (with the file's own name, not its server path)."""
+    than `max_duration`. Raises InputError naming the problem (with the file's own name, not its
+    server path)."""
     from ..io import probe
     from ..io.video import IMAGE_EXTENSIONS
 
@@ -148,24 +148,65 @@ def check_upload(path: str | None, config: DemoConfig, name: str | None = None) 
 
 
 class UploadDir:
-    """The one folder uploads are written to, and its clean-up (an age limit, and removal on close)."""
+    """The one folder uploads are written to, and its clean-up.
+
+    Gradio writes every upload (from the page, or posted straight to its upload endpoint) into a
+    folder of its own here, named by the file's hash. A file is *claimed* while a session uses it
+    as its video, i.e. after it passed `check_upload`. `sweep` deletes files older than the age
+    limit, and unclaimed files (never checked, or given up by every session) sooner; folders the
+    demo writes itself (`own`: the sample copy, thumbnails) are swept by age only. `remove` (on
+    close and at interpreter exit) deletes the folder."""
 
     def __init__(self, path: str | None = None):
         import atexit
+        import threading
 
         self.owned = path is None
         self.path = os.path.realpath(tempfile.mkdtemp(prefix="mmkv-demo-") if path is None else path)
         os.makedirs(self.path, exist_ok=True)
+        self._claims: dict[str, set[str]] = {}   # real path -> ids of the sessions using it
+        self._lock = threading.Lock()
         atexit.register(self.remove)  # also when the process ends without close() (an exception, SIGTERM)
+
+    OWN = ("mmkv-sample", "mmkv-thumbs")  # the demo's own subfolders (Gradio's are 64-hex hashes)
+
+    def own(self, name: str, *parts: str) -> str:
+        """A path inside one of the demo's own subfolders, e.g. own("mmkv-thumbs", session_id)."""
+        if name not in self.OWN:
+            raise ValueError(f"{name!r} is not one of the demo's own folders {self.OWN}")
+        return os.path.join(self.path, name, *parts)
 
     def contains(self, path: str) -> bool:
         p = os.path.realpath(path)
         return os.path.commonpath([p, self.path]) == self.path
 
+    # ---- claims
+    def claim(self, path: str, owner: str) -> None:
+        """`owner` (a session id) uses `path`: it is swept by age only."""
+        with self._lock:
+            self._claims.setdefault(os.path.realpath(path), set()).add(owner)
+
+    def release(self, owner: str) -> None:
+        """`owner` uses none of its files any more."""
+        with self._lock:
+            for p in [p for p, owners in self._claims.items() if owners.discard(owner) or not owners]:
+                del self._claims[p]
+
+    def claimed(self, path: str) -> bool:
+        with self._lock:
+            return bool(self._claims.get(os.path.realpath(path)))
+
+    def _is_own(self, path: str) -> bool:
+        rel = os.path.relpath(os.path.realpath(path), self.path)
+        return rel.split(os.sep, 1)[0] in self.OWN
+
+    # ---- deletion
     def discard(self, path: str) -> None:
-        """Delete one upload (and its folder when that becomes empty)."""
+        """Delete one upload (and its folder when that becomes empty), unless a session uses it."""
         if not self.contains(path):
             raise ValueError(f"{path!r} is not inside the upload folder {self.path!r}")
+        if self.claimed(path):
+            return
         try:
             os.remove(path)
             parent = os.path.dirname(os.path.realpath(path))
@@ -174,14 +215,18 @@ class UploadDir:
         except OSError:
             pass
 
-    def sweep(self, max_age: float) -> int:
-        """Delete files older than `max_age` seconds (and empty folders); returns how many files."""
+    def sweep(self, max_age: float, unclaimed_age: float | None = None) -> int:
+        """Delete files older than `max_age` seconds, and files outside the demo's own folders that
+        no session claims once older than `unclaimed_age`; then empty folders. Returns how many
+        files were deleted."""
         now, n = time.time(), 0
         for root, dirs, files in os.walk(self.path, topdown=False):
             for f in files:
                 p = os.path.join(root, f)
                 try:
-                    if now - os.path.getmtime(p) > max_age:
+                    age = now - os.path.getmtime(p)
+                    if age > max_age or (unclaimed_age is not None and age > unclaimed_age
+                                         and not self._is_own(p) and not self.claimed(p)):
                         os.remove(p)
                         n += 1
                 except OSError:
@@ -202,3 +247,33 @@ class UploadDir:
             self.sweep(-1.0)
 
 
+class Sweeper:
+    """A daemon thread sweeping an UploadDir (`UploadDir.sweep(ttl, unclaimed_ttl)`) every quarter
+    of the shorter of the two ages (at least every second, at most every 10 minutes)."""
+
+    def __init__(self, uploads: UploadDir, ttl: float, unclaimed_ttl: float | None = None):
+        import threading
+
+        self.uploads, self.ttl, self.unclaimed_ttl = uploads, ttl, unclaimed_ttl
+        self.every = min(600.0, max(1.0, min(ttl, unclaimed_ttl or ttl) / 4))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="mmkv-demo-sweeper")
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def sweep(self) -> int:
+        n = self.uploads.sweep(self.ttl, self.unclaimed_ttl)
+        if n:
+            import logging
+
+            logging.getLogger("mmkv.demo").info("deleted %d old or unchecked upload(s)", n)
+        return n
+
+    def _run(self):
+        while not self._stop.wait(self.every):
+            self.sweep()
+
+    def stop(self):
+        self._stop.set()
