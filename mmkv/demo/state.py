@@ -61,6 +61,42 @@ def sample_question() -> str:
         return "What happens in this video?"
 
 
+# ----------------------------------------------------------------------------- what a model can answer
+REAL_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
+
+
+def model_card(model: str) -> dict:
+    """mmkv's notes on a checkpoint (its mmkv.json), read without loading it ({} for hub ids)."""
+    from ..models.loading import model_card as _card, resolve_model
+
+    try:
+        return _card(resolve_model(model))
+    except Exception:  # noqa: BLE001 - informative only
+        return {}
+
+
+def model_note(model: str) -> str:
+    """Markdown for the page about what `model` can answer: for the bundled model (one letter to
+    its synthetic multiple-choice questions) and untrained checkpoints, what it is and how to
+    serve a real model instead; "" for any other model."""
+    card = model_card(model)
+    run = (f"To ask about real videos, start the demo with a real model, e.g. `mmkv demo --model {REAL_MODEL}` "
+           "(a GPU is recommended; Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision checkpoints take videos).")
+    if card.get("trained") is False:
+        return (f"**`{model}` is untrained (random weights): its answers are meaningless**; the compression stats "
+                f"are real. {run}")
+    if answers_letters(card):
+        params = card.get("params")
+        size = f"{params / 1e6:.1f}M-parameter " if isinstance(params, (int, float)) and params else ""
+        arch = {"Qwen2VL": "Qwen2-VL", "Qwen2_5_VL": "Qwen2.5-VL"}.get(
+            str(card.get("architecture", "")).replace("ForConditionalGeneration", ""), "model")
+        return (f"**`{model}` answers with one letter only.** It is the bundled {size}{arch} trained on synthetic "
+                "videos of moving shapes to answer multiple-choice questions (colour, shape, order, count) with "
+                "A, B, C or D, so any question, about any video, gets a letter: the sample's question is filled "
+                f"in below. {run}")
+    return ""
+
+
 # ----------------------------------------------------------------------------- models and encodings
 def _progress_label(stage: str) -> str:
     return {"encode": "decoding + encoding frames", "prefill": "prefilling the LLM (KV cache)",
@@ -186,12 +222,35 @@ class Demo:
         with self._lock:
             self._encodings.pop(eid, None)
 
+    def encode_stream(self, path: str, model: str | None, recipe: str | None, frames: int = 32,
+                      fps: float | None = None, name: str | None = None) -> Iterator[tuple[str, object]]:
+        """`encode` in a worker thread: yields ("progress", (fraction, label)) while it runs, then
+        ("encoded", (encoding id, Encoded)). Errors are raised here; closing the generator stops
+        the encoding at its next progress step."""
+        def work(emit):
+            return self.encode(path, model, recipe, frames, fps, name=name,
+                               progress=lambda f, d: emit("progress", (f, d)))
+
+        for kind, value in _stream(work, "mmkv-demo-encode"):
+            yield ("encoded", value) if kind == "done" else (kind, value)
+
     # ---- answers
+    def answer_limit(self, pipe) -> int | None:
+        """Most new tokens a complete answer of this model takes, when the model says (None: its
+        stop tokens end the answer, up to the user's max new tokens). The bundled model answers
+        one letter."""
+        card = getattr(pipe.adapter, "card", {}) or {}
+        return 1 if answers_letters(card) else None
+
     def ask_stream(self, enc, pipe, question: str, *, max_new_tokens: int = 64,
-                   progress: Callable[[float, str], None] | None = None) -> Iterator[tuple[str, object]]:
+                   progress: Callable[[float, str], None] | None = None,
+                   progress_events: bool = False) -> Iterator[tuple[str, object]]:
         """Yield ("text", delta) while the answer is generated, then ("result", Result).
         The generation runs in a worker thread; errors are raised here, in the caller.
-        `progress(fraction, label)` hears the prefill of the question and the decoding steps."""
+        `progress(fraction, label)` hears the prefill of the question and the decoding steps; with
+        `progress_events` they are also yielded, as ("progress", (fraction, label)).
+        Generation stops at the model's stop tokens, at `max_new_tokens`, or once the answer is
+        complete (`answer_limit`: one letter for the bundled model)."""
         if not isinstance(question, str) or not question.strip():
             raise InputError("the question is empty; type a question about the video")
         try:
@@ -200,48 +259,68 @@ class Demo:
             raise InputError(f"max new tokens must be a whole number, got {max_new_tokens!r}") from None
         if not 1 <= max_new_tokens <= self.config.max_new_tokens:
             raise InputError(f"max new tokens must be between 1 and {self.config.max_new_tokens}")
-        q: queue.Queue = queue.Queue()
-        stop = threading.Event()
+        limit = self.answer_limit(pipe)
+        if limit is not None:
+            max_new_tokens = min(max_new_tokens, limit)
 
-        def on_text(delta):
-            if stop.is_set():  # the page went away: stop generating for it
-                raise _Cancelled()
-            q.put(("text", delta))
+        def work(emit):
+            def report(stage, done, total):
+                label = f"{_progress_label(stage)} ({done}/{total})"
+                if progress:
+                    progress(done / max(total, 1), label)
+                if progress_events:
+                    emit("progress", (done / max(total, 1), label))
 
-        def report(stage, done, total):
-            if progress:
-                progress(done / max(total, 1), f"{_progress_label(stage)} ({done}/{total})")
+            return pipe.ask(enc, question.strip(), max_new_tokens=max_new_tokens,
+                            on_text=lambda delta: emit("text", delta), progress=report)
 
-        def work():
-            try:
-                res = pipe.ask(enc, question.strip(), max_new_tokens=max_new_tokens, on_text=on_text,
-                               progress=report)
-                q.put(("result", res))
-            except _Cancelled:
-                q.put(("cancelled", None))
-            except BaseException as e:  # noqa: BLE001 - handed to the caller
-                q.put(("error", e))
+        for kind, value in _stream(work, "mmkv-demo-ask"):
+            yield ("result", value) if kind == "done" else (kind, value)
 
-        ctx = contextvars.copy_context()
-        worker = threading.Thread(target=ctx.run, args=(work,), daemon=True, name="mmkv-demo-ask")
-        worker.start()
+
+def answers_letters(card: dict) -> bool:
+    """Whether a checkpoint's mmkv.json says it answers multiple-choice questions with a letter."""
+    return "multiple choice" in str(card.get("task", "")).lower()
+
+
+def _stream(work: Callable, name: str) -> Iterator[tuple[str, object]]:
+    """Run `work(emit)` in a worker thread; yield every (kind, value) it emits, then ("done",
+    what it returned). Its exception is raised here. Closing this generator (the page went away)
+    makes the next `emit` stop the work, and waits for the thread, so nothing keeps running
+    beside the next request."""
+    q: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    def emit(kind, value):
+        if stop.is_set():
+            raise _Cancelled()
+        q.put((kind, value))
+
+    def run():
         try:
-            while True:
-                kind, value = q.get()
-                if kind == "error":
-                    raise value
-                if kind == "cancelled":
-                    return
-                yield kind, value
-                if kind == "result":
-                    return
-        finally:
-            # a closed generator (client gone) must not leave generation running beside the next request
-            stop.set()
-            worker.join()
+            q.put(("done", work(emit)))
+        except _Cancelled:
+            q.put(("cancelled", None))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            q.put(("error", e))
+
+    ctx = contextvars.copy_context()
+    worker = threading.Thread(target=ctx.run, args=(run,), daemon=True, name=name)
+    worker.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "error":
+                raise value
+            if kind == "cancelled":
+                return
+            yield kind, value
+            if kind == "done":
+                return
+    finally:
+        stop.set()
+        worker.join()
 
 
 class _Cancelled(Exception):
     pass
-
-
