@@ -279,11 +279,13 @@ def build_app(config: DemoConfig | None = None, demo: Demo | None = None):
                 if job is None:  # already run by an earlier call, or cancelled
                     yield {status: gr.skip()}
                     return
-                last = 0.0
+                last, streaming = 0.0, False
                 for kind, value in run_job(demo, sess, job):
-                    now = time.monotonic()
                     if kind in ("progress", "text"):
-                        if now - last < 0.2:
+                        # every encode / prefill step is shown; once text streams, a few updates a second
+                        streaming = streaming or kind == "text"
+                        now = time.monotonic()
+                        if streaming and now - last < 0.15:
                             continue
                         last = now
                         out = {chat: sess.chat()}
@@ -332,8 +334,9 @@ def build_app(config: DemoConfig | None = None, demo: Demo | None = None):
                     (encode_btn.click, encode, settings_in, [status, state], "encode")]
         for trigger, fn, ins, outs, name in triggers:
             private = {"api_visibility": "private"} if name is None else {"api_name": name}
-            trigger(reset_status, [state], [status], queue=False, show_progress="hidden", api_visibility="private") \
-                .then(fn, ins, outs, queue=False, show_progress="hidden", **private) \
+            trigger(reset_status, [state], [status], queue=False, show_progress="hidden", trigger_mode="multiple",
+                    api_visibility="private") \
+                .then(fn, ins, outs, queue=False, show_progress="hidden", trigger_mode="multiple", **private) \
                 .success(answer, [state], answer_outs, concurrency_id="model", concurrency_limit=config.concurrency,
                          trigger_mode="multiple", show_progress="minimal", show_progress_on=[status],
                          **({"api_visibility": "private"} if name != "ask" else {"api_name": "answer"}))

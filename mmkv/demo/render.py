@@ -38,7 +38,7 @@ CSS = """
 .mmkv-tables{overflow-x:auto;font-size:13px}
 .mmkv-table{border-collapse:collapse;margin:4px 0 12px 0;width:100%}
 .mmkv-table th,.mmkv-table td{text-align:left;vertical-align:top;padding:3px 8px;border-bottom:1px solid rgba(128,128,128,.25)}
-.mmkv-table th:nth-child(-n+2),.mmkv-table td:nth-child(-n+2){white-space:nowrap}
+.mmkv-table th,.mmkv-table td:nth-child(-n+2){white-space:nowrap}
 #mmkv-model-note{border-left:4px solid #f59e0b;padding:4px 10px;background:rgba(245,158,11,.08)}
 """
 
