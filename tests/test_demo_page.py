@@ -54,7 +54,8 @@ def _overlaps(page, selector: str) -> list[list[str]]:
             if (boxes[i].right > W + 0.5 || boxes[i].left < -0.5) out.push([els[i].id || els[i].className, "viewport"]);
             for (let j = i + 1; j < els.length; j++) {
                 const a = boxes[i], b = boxes[j];
-                if (a.left < b.right - 0.5 && b.left < a.right - 0.5 && a.top < b.bottom - 0.5 && b.top < a.bottom - 0.5)
+                if (a.left < b.right - 0.5 && b.left < a.right - 0.5
+                    && a.top < b.bottom - 0.5 && b.top < a.bottom - 0.5)
                     out.push([els[i].id || els[i].className, els[j].id || els[j].className]);
             }
         }
@@ -79,7 +80,8 @@ def _sticking_out(page) -> list[str]:
             const c = card.getBoundingClientRect();
             for (const el of card.querySelectorAll('*')) {
                 const r = el.getBoundingClientRect();
-                if (r.width && (r.left < c.left - 0.5 || r.right > c.right + 0.5)) out.push(card.id + ': ' + el.textContent);
+                if (r.width && (r.left < c.left - 0.5 || r.right > c.right + 0.5))
+                    out.push(card.id + ': ' + el.textContent);
             }
         }
         return out; }""")

@@ -1,8 +1,9 @@
 """The Gradio demo for long videos (`mmkv demo`, or `python apps/demo.py`).
 
 - The logic without Gradio, testable without a browser: `config` (`DemoConfig`), `uploads`
-  (upload checks and the upload folder), `state` (models, encodings, streamed answers), `thumbs`
-  (kept-token thumbnails), `render` (the stats cards' HTML); `core` gathers them all.
+  (upload checks and the upload folder), `state` (models, encodings, streamed answers),
+  `session` (a tab's chat and queue of questions), `thumbs` (kept-token thumbnails), `render`
+  and `labels` (the stats cards' HTML and words); `core` gathers them all.
 - `mmkv.demo.app`: the Gradio Blocks (`build_app`) and a server (`launch`, `close`).
 
 Gradio is imported only when the app is built, so `import mmkv.demo` works without it.

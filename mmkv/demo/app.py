@@ -70,7 +70,9 @@ def build_app(config: DemoConfig | None = None, demo: Demo | None = None):
     demo = demo or Demo(config)
     uploads = UploadDir(config.upload_dir)
     # Gradio stores uploads (and files it serves) under GRADIO_TEMP_DIR, read when the Blocks and
-    # its server are created: point it at our folder so no upload is written anywhere else.
+    # its server are created: point it at our folder so no upload is written anywhere else
+    # (close() points it back, so an app built earlier in the same process keeps working).
+    previous_temp_dir = os.environ.get("GRADIO_TEMP_DIR")
     os.environ["GRADIO_TEMP_DIR"] = uploads.path
 
     import gradio as gr
@@ -344,6 +346,7 @@ def build_app(config: DemoConfig | None = None, demo: Demo | None = None):
 
     app.queue(default_concurrency_limit=config.concurrency, max_size=config.queue_size)
     app.mmkv_config, app.mmkv_demo, app.mmkv_uploads = config, demo, uploads
+    app.mmkv_previous_temp_dir = previous_temp_dir
     app.mmkv_sweeper = Sweeper(uploads, config.upload_ttl, config.unclaimed_ttl)
     _limit_uploads(app, config.max_upload_bytes)
     return app
@@ -414,6 +417,12 @@ def close(app) -> None:
     finally:
         app.mmkv_sweeper.stop()
         app.mmkv_uploads.remove()
+        if os.environ.get("GRADIO_TEMP_DIR") == app.mmkv_uploads.path:
+            previous = getattr(app, "mmkv_previous_temp_dir", None)
+            if previous is None:
+                os.environ.pop("GRADIO_TEMP_DIR", None)
+            else:
+                os.environ["GRADIO_TEMP_DIR"] = previous
 
 
 __all__ = ["build_app", "launch", "close", "DemoConfig"]

@@ -37,7 +37,8 @@ CSS = """
 .mmkv-ok{color:#065f46;background:#ecfdf5;border:1px solid #6ee7b7;border-radius:6px;padding:8px 10px;font-size:14px}
 .mmkv-tables{overflow-x:auto;font-size:13px}
 .mmkv-table{border-collapse:collapse;margin:4px 0 12px 0;width:100%}
-.mmkv-table th,.mmkv-table td{text-align:left;vertical-align:top;padding:3px 8px;border-bottom:1px solid rgba(128,128,128,.25)}
+.mmkv-table th,.mmkv-table td{text-align:left;vertical-align:top;padding:3px 8px;
+  border-bottom:1px solid rgba(128,128,128,.25)}
 .mmkv-table th,.mmkv-table td:nth-child(-n+2){white-space:nowrap}
 #mmkv-model-note{border-left:4px solid #f59e0b;padding:4px 10px;background:rgba(245,158,11,.08)}
 """
@@ -171,11 +172,13 @@ def stats_rows(stats) -> list[list[str]]:
     rows = [["recipe", stats.recipe], ["model", stats.model], ["device", stats.device],
             ["sampled frames", str(stats.frames)]]
     for stage, before, after in stats.visual_tokens:
-        rows.append([f"visual tokens, {stage}", f"{before} → {after} ({_pct(after / before if before else float('nan'))})"])
+        frac = after / before if before else float("nan")
+        rows.append([f"visual tokens, {stage}", f"{before} → {after} ({_pct(frac)})"])
     rows.append(["prompt tokens (LLM input)", str(stats.prompt_tokens)])
     if stats.kv_len_per_layer:
         lens = stats.kv_len_per_layer
-        rows.append(["KV entries per layer", str(lens[0]) if len(set(lens)) == 1 else f"{min(lens)}..{max(lens)} {lens}"])
+        same = len(set(lens)) == 1
+        rows.append(["KV entries per layer", str(lens[0]) if same else f"{min(lens)}..{max(lens)} {lens}"])
     full = uncompressed_bytes(stats)
     rows.append(["KV cache stored", f"{stats.kv_bytes * mib:.3f} MiB"])
     if full == full:
@@ -184,10 +187,12 @@ def stats_rows(stats) -> list[list[str]]:
     bits = stats.bits_per_element
     rows.append(["KV bits stored per element", f"{bits:.2f}" if bits == bits else "n/a"])
     if len(stats.kv_bytes_by_class or {}) > 1:
-        rows.append(["KV bytes by class", ", ".join(f"{k}: {v * mib:.3f} MiB" for k, v in stats.kv_bytes_by_class.items())])
+        rows.append(["KV bytes by class",
+                     ", ".join(f"{k}: {v * mib:.3f} MiB" for k, v in stats.kv_bytes_by_class.items())])
     if stats.kv_index_bytes:
         rows.append(["KV position indices", f"{stats.kv_index_bytes * mib:.3f} MiB"])
-    rows.append(["encode / prefill / decode", f"{stats.encode_s:.3f} s / {stats.prefill_s:.3f} s / {stats.decode_s:.3f} s"])
+    rows.append(["encode / prefill / decode",
+                 f"{stats.encode_s:.3f} s / {stats.prefill_s:.3f} s / {stats.decode_s:.3f} s"])
     tps = stats.tokens_per_s
     rows.append(["new tokens", f"{stats.new_tokens}" + (f" ({tps:.1f} tokens/s)" if tps == tps else "")])
     rows.append([f"peak memory ({stats.peak_memory_kind or 'unknown'})", f"{stats.peak_memory_bytes * mib:.1f} MiB"])
