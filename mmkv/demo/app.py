@@ -261,7 +261,7 @@ def build_app(config: DemoConfig | None = None, demo: Demo | None = None):
                 return refused(e, sess)
             sess.ask(q.strip(), job_settings)
             return {chat: sess.chat(), question: "", state: sess,
-                    status: status_html(f"Question queued: {ready_text(sess)}" if sess.activity else
+                    status: status_html(f"Question queued (now: {sess.activity})." if sess.activity else
                                         f"Question about {sess.name} queued.")}
 
         def encode(sess, model_v, recipe_v, frames_v, fps_v, max_new_v):
