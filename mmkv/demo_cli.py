@@ -34,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--upload-dir", default=None,
                    help="folder for uploads (default: a fresh temporary folder, deleted on exit)")
     p.add_argument("--upload-ttl", type=float, default=3 * 3600.0, help="delete uploads older than this (s)")
+    p.add_argument("--unclaimed-ttl", type=float, default=600.0,
+                   help="delete uploads no session uses (e.g. posted straight to the upload endpoint) after this (s)")
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if available)")
     p.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32")
     p.add_argument("--attn", default="sdpa", dest="attn_implementation",
@@ -41,14 +43,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args):
-    from mmkv.demo.core import DemoConfig
+    from mmkv.demo.config import DemoConfig
 
     return DemoConfig(models=args.models or ["mmkv-tiny"], allow_custom_model=args.allow_custom_model,
                       recipe=args.recipe, max_upload=args.max_upload,
                       max_duration=args.max_duration if args.max_duration and args.max_duration > 0 else None,
                       max_frames=args.max_frames, frames=args.frames, fps=args.fps, max_new_tokens=args.max_new_tokens,
                       concurrency=args.concurrency, queue_size=args.queue_size, max_encodings=args.max_encodings,
-                      upload_dir=args.upload_dir, upload_ttl=args.upload_ttl, device=args.device, dtype=args.dtype,
+                      upload_dir=args.upload_dir, upload_ttl=args.upload_ttl,
+                      unclaimed_ttl=args.unclaimed_ttl, device=args.device, dtype=args.dtype,
                       attn_implementation=args.attn_implementation)
 
 

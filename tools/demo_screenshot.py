@@ -42,7 +42,7 @@ def main() -> None:
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=exe, headless=True, args=["--no-sandbox", "--disable-gpu"])
-            page = browser.new_page(viewport={"width": 1280, "height": 1600})
+            page = browser.new_page(viewport={"width": 1366, "height": 900})
             page.goto(app.local_url)
             page.locator("#mmkv-video input[type=file]").set_input_files(os.path.join(ASSETS, "sample.mp4"))
             status = page.locator("#mmkv-status")
@@ -51,10 +51,14 @@ def main() -> None:
             from mmkv.synthetic import QUESTIONS, SHAPES
 
             shape_q = videomme_prompt(QUESTIONS["shape"], [f"{'ABCD'[i]}. {s}" for i, s in enumerate(SHAPES)])
-            for q in (sample["question"], shape_q):
+            bot = page.locator("#mmkv-chat .message.bot")
+            for i, q in enumerate((sample["question"], shape_q)):
                 page.locator("#mmkv-question textarea").fill(q)
                 page.locator("#mmkv-ask").click()
-                expect(status).to_contain_text("Answered", timeout=120_000)
+                expect(bot).to_have_count(i + 1, timeout=30_000)
+                expect(bot.nth(i)).not_to_contain_text("⏳", timeout=120_000)   # answered, not waiting
+                expect(status).to_contain_text("Answered", timeout=30_000)
+            page.evaluate("window.scrollTo(0, 0)")
             page.screenshot(path=args.out, full_page=True)
             browser.close()
     finally:

@@ -1,12 +1,16 @@
 """The Gradio demo for long videos (`mmkv demo`, or `python apps/demo.py`).
 
-- `mmkv.demo.core`: the logic without Gradio (upload checks, models, encodings, streamed answers,
-  pictures), testable without a browser.
+- The logic without Gradio, testable without a browser: `config` (`DemoConfig`), `uploads`
+  (upload checks and the upload folder), `state` (models, encodings, streamed answers),
+  `session` (a tab's chat and queue of questions), `thumbs` (kept-token thumbnails), `render`
+  and `labels` (the stats cards' HTML and words); `core` gathers them all.
 - `mmkv.demo.app`: the Gradio Blocks (`build_app`) and a server (`launch`, `close`).
 
 Gradio is imported only when the app is built, so `import mmkv.demo` works without it.
 """
-from .core import Demo, DemoConfig, check_upload, recipe_choices
+from .config import DemoConfig
+from .state import Demo, recipe_choices
+from .uploads import check_upload
 
 
 def build_app(config: DemoConfig | None = None, demo: Demo | None = None):
