@@ -199,36 +199,84 @@ def test_table_lookup_dequantization_matches_the_formats_own(fmt, stats):
         torch.testing.assert_close(qd._dequant_block(p, s, e), p.dequantize(torch.float32, s, e), atol=0, rtol=0)
 
 
-@pytest.mark.skipif(INTERPRETING, reason="compiles the real kernels, not interpreted ones")
-def test_kernels_compile_for_gpus():
-    """The interpreter does not type-check like the compiler: compile both kernels for sm_80 and
-    sm_90 (ptxas ships with triton; no GPU needed), and check the dots use tensor cores."""
+def _can_target_cuda():
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
     except ImportError:
-        pytest.skip("this triton cannot target CUDA")
-    from mmkv.kernels.aot import DECODE_POINTERS as ptrs
-    from mmkv.kernels.aot import DECODE_POINTERS_STATS8 as stats8
-    from mmkv.kernels.aot import DECODE_VIDKV8 as vidkv
-    from mmkv.kernels.aot import aot_compile
+        return False
+    return True
 
-    vidkv16 = {**vidkv, "K1_S8": False, "K2_S8": False, "V_S8": False, "ONE_GROUP": False, "BLOCK_N": 64}
-    kivi = {**vidkv16, "D1": 128, "BLOCK_D1": 128, "D2": 0, "HAS_K2": False, "V_TERNARY": False, "V_AXIS": 1,
-            "ONE_GROUP": True, "BLOCK_N": 32}
+
+aot = pytest.mark.skipif(INTERPRETING or not _can_target_cuda(),
+                         reason="compiles the real kernels for a GPU (not under the interpreter; needs triton's CUDA backend)")
+
+
+def _launches(planes, values, b, hk, t, hq=28, block_n=None, dtype=torch.bfloat16):
+    """The kernel launches at [b, hk, t] (meta tensors: no memory), as on an H100 (132 SMs)."""
+    from mmkv.kernels.aot import meta_plane
+
+    qt = torch.empty(b, hq, 1, sum(p.head_dim for p in planes), device="meta")
+    return qd.quant_attention_launches(qt, [meta_plane(p, b, hk, t) for p in planes], meta_plane(values, b, hk, t),
+                                       0.08, block_n=block_n, dtype=dtype, on_gpu=True, sms=132)[2]
+
+
+@aot
+def test_kernels_compile_for_gpus():
+    """The interpreter does not type-check like the compiler: compile both kernels for sm_80 and
+    sm_90 (ptxas ships with triton; no GPU needed) with the launcher's own specialization at the
+    7B layer shape (28/4/128, 32K tokens), and check the dots use tensor cores and the per-tile
+    statistics stay per channel under every Triton version."""
+    from mmkv.kernels.aot import compile_launch
+
+    g = _gen(0)
+    k, v = torch.randn(1, 4, 64, 128, generator=g), torch.randn(1, 4, 64, 128, generator=g)
+    keys = quantize_keys(k, select_channels(k, 64, per_head=False), 64, 32, 8)
+    tern = ternary_quantize(v, 32, stats=8)
+    kivi = [quantize(k, 2, 32, "channel")], quantize(v, 2, 32, "token")
     ptx = {}
-    for name, arch, cx, types in [("vidkv8", 90, vidkv, stats8), ("vidkv8_rows", 90, {**vidkv, "ONE_GROUP": False},
-                                                                       stats8),
-                                  ("vidkv16", 80, vidkv16, ptrs), ("kivi", 80, kivi, ptrs)]:
-        k = aot_compile(qd._quant_decode_kernel, cx, types, arch)
-        ptx[name] = k.asm["ptx"]
+    for name, arch, planes, values, bn in [("vidkv8", 90, keys.planes(), tern, None),
+                                           ("vidkv8_rows", 90, keys.planes(), tern, 64),
+                                           ("vidkv16", 80, quantize_keys(k, keys.perm, 64, 32).planes(),
+                                            ternary_quantize(v, 32), None),
+                                           ("kivi", 80, *kivi, None)]:
+        launches = _launches(planes, values, 1, 4, 32768, block_n=bn)
+        ptx[name] = compile_launch(launches[0], arch).asm["ptx"]
         assert "mma.sync" in ptx[name] or "wgmma" in ptx[name]
-    # a tile that is one group decodes its 8-bit statistics once per channel, not once per element
-    assert ptx["vidkv8"].count("ex2.approx") < ptx["vidkv8_rows"].count("ex2.approx")
+    compile_launch(launches[1], 90)  # the split reduction
+    # a tile that is one group decodes its 8-bit statistics once per channel, not once per element:
+    # a handful of exp2 per thread (the softmax's and one per plane), under Triton 3.6 as under 3.8
+    assert ptx["vidkv8"].count("ex2.approx") <= 16 < ptx["vidkv8_rows"].count("ex2.approx")
     # codes become floats without int-to-float conversions, and trits without integer division
     # (each u16 division was a call to a subroutine; `python tools/kernel_counts.py` prints the counts)
     assert "div.u16" not in ptx["vidkv8"] and ptx["vidkv8"].count("cvt.rn.f32.s32") < 8
-    aot_compile(qd._reduce_kernel, dict(DV=128, BLOCK_S=64, BLOCK_DV=128),
-                 {"OP": "*fp32", "LP": "*fp32", "OUT": "*fp32", "LSE": "*fp32"}, 90)
+
+
+def _addptr_offset_types(ttir: str, names) -> dict:
+    """{pointer argument: set of offset types of the scalar tt.addptr ops applied to it}."""
+    import re
+
+    out = {n: set() for n in names}
+    for name, ty in re.findall(r"tt\.addptr %(\w+), %[\w#]+ : !tt\.ptr<\w+>, (i\d+)", ttir):
+        if name in out:
+            out[name].add(ty)
+    return out
+
+
+@aot
+def test_batch_and_head_offsets_are_int64_where_they_pass_2_31():
+    """8-bit KIVI planes at batch 8 x 599,040 tokens (4 KV heads, dim 128): each stride fits int32
+    (the launch types it i32), but b * batch stride + h * head stride reaches 2.38e9 > 2**31. The
+    kernel must widen to int64 before multiplying: every base-pointer add in the TTIR takes an
+    i64 offset."""
+    from mmkv.kernels.aot import compile_launch
+
+    k = torch.randn(1, 4, 64, 128, generator=_gen(1))
+    kq = quantize(k, 8, 32, "token")
+    main = _launches([kq], kq, 8, 4, 599040)[0]
+    ints = [a for a in main[2] if isinstance(a, int)]
+    assert max(ints) < 2**31 and 7 * ints[0] + 3 * ints[1] >= 2**31   # k1c_b, k1c_h: i32 each, the sum is not
+    types = _addptr_offset_types(compile_launch(main, 90).asm["ttir"], ["K1C", "K1S", "K1Z", "VC", "VS", "VZ"])
+    assert all(ty == {"i64"} for ty in types.values()), types
 
 
 def test_bad_inputs_are_rejected():
@@ -240,3 +288,7 @@ def test_bad_inputs_are_rejected():
         qd.quant_attention_triton(keys.transform_query(torch.randn(1, 2 * 65, 1, 8)), keys.planes(), vq, 0.3)
     with pytest.raises(ValueError, match="planes"):
         qd.quant_attention_triton(qt, keys.planes()[::-1], vq, 0.3)
+    with pytest.raises(ValueError, match="block_n=24: tile sizes must be powers of two"):
+        qd.quant_attention_triton(qt, keys.planes(), vq, 0.3, block_n=24)
+    with pytest.raises(ValueError, match="block_n=8.*>= 16"):
+        qd.quant_attention_launches(qt, keys.planes(), vq, 0.3, block_n=8, on_gpu=True, sms=132)

@@ -166,3 +166,47 @@ def test_dispatcher_uses_reference_on_cpu_and_checks_shapes():
         sp.sparse_attention_ref(k.repeat(1, 2, 1, 1), q[:, :2], q[:, :2], q_idx, k_idx, sc)
     with pytest.raises(ValueError, match="GQA"):
         sp.sparse_attention_ref(q[:, :3], k, v, q_idx, k_idx, sc)
+
+
+def _can_target_cuda():
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _can_target_cuda(), reason="needs triton's CUDA backend (compiles without a GPU)")
+@pytest.mark.parametrize("dtype,arch", [(torch.bfloat16, 90), (torch.float16, 80)])
+def test_kernel_compiles_for_gpus_with_int64_offsets(dtype, arch):
+    """Compile the launch the launcher makes on a GPU (its default 64 x 32 tiles, bf16 / fp16
+    straight into tl.dot, no upcast) for sm_90 and sm_80 from meta tensors at the 7B shape in
+    transformers' [B, L, H, D] layout at batch 6 x 128K tokens: the batch offset b * s_qb passes
+    2**31 (5 * 469,762,048), so every base-pointer add must take an int64 offset."""
+    import re
+
+    from mmkv.kernels.aot import compile_launch
+
+    b, L, hq, hk, d = 6, 131072, 28, 4, 128
+    q = torch.empty(b, L, hq, d, dtype=dtype, device="meta").transpose(1, 2)
+    k = torch.empty(b, L, hk, d, dtype=dtype, device="meta").transpose(1, 2)
+    idx = torch.arange(0, L, 3)
+    launch = sp.sparse_attention_launches(q, k, k, idx, idx, d ** -0.5, on_gpu=True)[1][0]
+    kw = launch[3]
+    assert (kw["BLOCK_M"], kw["BLOCK_N"], kw["UPCAST"]) == (64, 32, False)
+    assert q.stride(0) < 2**31 <= (b - 1) * q.stride(0)
+    kernel = compile_launch(launch, arch)
+    assert "mma.sync" in kernel.asm["ptx"] or "wgmma" in kernel.asm["ptx"]
+    types = {}
+    for name, ty in re.findall(r"tt\.addptr %(\w+), %[\w#]+ : !tt\.ptr<\w+>, (i\d+)", kernel.asm["ttir"]):
+        types.setdefault(name, set()).add(ty)
+    assert all(types.get(n) == {"i64"} for n in ("Q", "K", "V", "Out")), types
+
+
+def test_explicit_tiles_are_checked():
+    q, k, v, q_idx, k_idx, sc = case(1, 2, 1, 9, 9, 16, frac=1.0, seed=1, mode="subset")
+    for bad in (12, 4, 0):
+        with pytest.raises(ValueError, match="powers of two >= 8"):
+            sp.sparse_attention_launches(q, k, v, q_idx, k_idx, sc, block_m=bad)
+    with pytest.raises(ValueError, match="block_n=8.*>= 16"):
+        sp.sparse_attention_launches(q, k, v, q_idx, k_idx, sc, block_n=8, on_gpu=True)

@@ -34,6 +34,7 @@ except ImportError:  # pragma: no cover
     tl = None
 
 LOG2E = 1.4426950408889634
+KHI_STEP = 8  # query rows per entry of the causal key bound (the smallest tile the kernel takes)
 
 
 def _check(q, k, v, q_idx, k_idx):
@@ -87,12 +88,12 @@ if triton is not None:
                          s_vb, s_vh, s_vn, s_vd, s_ob, s_om, s_oh, s_od,
                          n_q, off, qk_scale, H, G,
                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                         BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, KHI_STEP: tl.constexpr):
         """One program: BLOCK_M gathered query rows of one (batch, query head) over the gathered keys."""
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
+        b = (pid_bh // H).to(tl.int64)  # batch and head base offsets in int64: b * s_qb passes 2**31
+        h = (pid_bh % H).to(tl.int64)   # at batch 6 x 128K tokens (7B shape), h * s_qh at L >= 621K
         hk = h // G
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = offs_m < n_q
@@ -107,7 +108,8 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        hi = tl.load(KHi + pid_m)  # gathered keys visible to the block's last query (causal skip)
+        # gathered keys visible to the block's last query (causal skip), kept per KHI_STEP rows
+        hi = tl.load(KHi + (tl.minimum((pid_m + 1) * BLOCK_M, n_q) - 1) // KHI_STEP)
         k_base = K + b * s_kb + hk * s_kh
         v_base = V + b * s_vb + hk * s_vh
         for start in range(0, hi, BLOCK_N):
@@ -152,7 +154,27 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q
     (int32/int64, on q's device) -> out [B, Lq, Hq, D] in q's dtype (see the module docstring).
     fp16/bf16/fp32. On CUDA fp16/bf16 the products run in the input dtype with fp32 accumulation;
     on CPU (TRITON_INTERPRET=1) and for fp32 everything is upcast to fp32 after loading (the
-    interpreter's bf16 arithmetic is wrong)."""
+    interpreter's bf16 arithmetic is wrong). block_m / block_n: powers of two, >= 16 on a GPU
+    (tl.dot's minimum), >= 8 under the interpreter; default 64 x 64 (D <= 64), 64 x 32 (D <= 128),
+    32 x 32 on a GPU, 16 x 16 on CPU."""
+    out, launches = sparse_attention_launches(q, k, v, q_idx, k_idx, scaling, block_m, block_n, num_warps)
+    for kernel, grid, args, kwargs in launches:
+        kernel[grid](*args, **kwargs)
+    return out
+
+
+def _check_block(name: str, value, on_gpu: bool) -> None:
+    lo = 16 if on_gpu else 8
+    if not isinstance(value, int) or value < lo or value & (value - 1):
+        raise ValueError(f"{name}={value!r}: tile sizes must be powers of two >= {lo} "
+                         f"({'tl.dot on a GPU needs 16 per dimension' if on_gpu else 'interpreter minimum'})")
+
+
+def sparse_attention_launches(q, k, v, q_idx, k_idx, scaling: float, block_m: int | None = None,
+                              block_n: int | None = None, num_warps: int | None = None, on_gpu: bool | None = None):
+    """What `sparse_attention_triton` launches, without launching it: (out, [(kernel, grid, args,
+    kwargs)]). `on_gpu` (default: q on CUDA) lets `mmkv.kernels.aot` compile a GPU launch from CPU
+    or meta tensors."""
     if triton is None:
         raise RuntimeError("triton is not installed")
     _check(q, k, v, q_idx, k_idx)
@@ -163,28 +185,28 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q
     out = q.new_zeros(b, lq, hq, d)
     nq, nk = q_idx.numel(), k_idx.numel()
     if nq == 0 or nk == 0:
-        return out
-    on_gpu = q.is_cuda
+        return out, []
+    on_gpu = q.is_cuda if on_gpu is None else on_gpu
     if block_m is None:
         block_m = (64 if d <= 128 else 32) if on_gpu else 16
     if block_n is None:
         block_n = (64 if d <= 64 else 32) if on_gpu else 16
+    _check_block("block_m", block_m, on_gpu)
+    _check_block("block_n", block_n, on_gpu)
     q_idx = q_idx.to(q.device, torch.int32).contiguous()
     k_idx = k_idx.to(q.device, torch.int32).contiguous()
     off = lk - lq
-    n_blocks = triton.cdiv(nq, block_m)
-    last = torch.clamp(torch.arange(1, n_blocks + 1, device=q.device) * block_m, max=nq) - 1
-    khi = torch.searchsorted(k_idx, q_idx[last] + off, right=True).to(torch.int32).contiguous()  # [n_blocks]
+    # gathered keys visible to the last query of every KHI_STEP rows (the tiles' causal bound)
+    last = torch.clamp(torch.arange(1, triton.cdiv(nq, KHI_STEP) + 1, device=q.device) * KHI_STEP, max=nq) - 1
+    khi = torch.searchsorted(k_idx, q_idx[last] + off, right=True).to(torch.int32).contiguous()
     upcast = (not on_gpu) or q.dtype == torch.float32
-    grid = (n_blocks, b * hq)
-    _sparse_attn_fwd[grid](
-        q, k, v, out, q_idx, k_idx, khi,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        nq, off, scaling * LOG2E, hq, hq // hk,
-        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
-        UPCAST=upcast, IEEE=q.dtype == torch.float32, num_warps=num_warps or (4 if d <= 64 else 8),
-    )
-    return out
+    grid = (triton.cdiv(nq, block_m), b * hq)
+    args = (q, k, v, out, q_idx, k_idx, khi, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            nq, off, scaling * LOG2E, hq, hq // hk)
+    kwargs = dict(HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
+                  UPCAST=upcast, IEEE=q.dtype == torch.float32, KHI_STEP=KHI_STEP,
+                  num_warps=num_warps or (4 if d <= 64 else 8))
+    return out, [(_sparse_attn_fwd, grid, args, kwargs)]
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: torch.Tensor,
