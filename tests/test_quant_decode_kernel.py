@@ -20,18 +20,22 @@ from mmkv.cache.attend import partial_attention
 from mmkv.cache.lowbit import SignTensor, TernaryTensor, sign_quantize, ternary_quantize
 from mmkv.cache.quant import QuantTensor, quantize
 from mmkv.cache.vidkv import VidKV, quantize_keys, select_channels
+from mmkv.kernels import interpreter_problem
 from mmkv.kernels import quant_decode as qd
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = pytest.mark.skipif(qd.triton is None, reason="triton is not installed")
 interp = pytest.mark.skipif(not INTERPRETING, reason="runs in the TRITON_INTERPRET=1 subprocess (test_interpreter_run)")
-INTERP_TESTS = "kernel_matches_reference or memory_outside or through_the_layer"  # the @interp tests (22)
+INTERP_TESTS = "kernel_matches_reference or memory_outside or through_the_layer or kernel_propagates_nan"
+N_INTERP = 32  # the @interp tests
 
 
 def test_interpreter_run():
     """Run the `interp` tests below in a subprocess with TRITON_INTERPRET=1; all must pass."""
     if INTERPRETING:
         pytest.skip("this is the interpreter run")
+    if interpreter_problem():
+        pytest.skip(interpreter_problem())
     env = dict(os.environ, TRITON_INTERPRET="1")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", INTERP_TESTS,
@@ -40,7 +44,7 @@ def test_interpreter_run():
     tail = proc.stdout[-6000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, tail
     passed = re.search(r"(\d+) passed", proc.stdout)
-    assert passed and int(passed.group(1)) == 22 and "skipped" not in proc.stdout.splitlines()[-1], tail
+    assert passed and int(passed.group(1)) == N_INTERP and "skipped" not in proc.stdout.splitlines()[-1], tail
 
 
 def _gen(seed):
@@ -103,6 +107,25 @@ def test_kernel_matches_reference_kivi(kbits, vbits, kaxis, vaxis, vgroup, group
     q = torch.randn(b, hk * gq, 1, d, generator=g).to(dtype)
     got = qd.quant_attention_triton(q, [kq], vq, 0.29, num_splits=3, block_n=None if group == 16 else 16)
     _close(got, qd.quant_attention_ref(q, [kq], vq, 0.29), dtype)
+
+
+@interp
+@pytest.mark.parametrize("one_group", [True, False])
+@pytest.mark.parametrize("fmt", ["ternary scale16", "sign scale16", "key zero16", "key anchor8", "v2 anchor8"])
+def test_kernel_propagates_nan_statistics_like_the_reference(fmt, one_group):
+    """A NaN statistic gives NaN exactly where the reference has NaN, out and lse, with tiles of
+    one group (statistics per tile; ternary scales after the dot) and of two (per element). A
+    zero trit under a NaN scale used to come out as a literal 0 here."""
+    from test_nan import _nan_planes
+
+    keys, vals = _nan_planes(fmt)
+    qt = keys.transform_query(torch.randn(1, 6, 1, 12, generator=_gen(4)))
+    got = qd.quant_attention_triton(qt, keys.planes(), vals, 0.3, num_splits=2, block_n=16 if one_group else 32)
+    ref = qd.quant_attention_ref(qt, keys.planes(), vals, 0.3)
+    assert torch.isnan(ref[0]).any()
+    for a, r in zip(got, ref):
+        assert torch.equal(torch.isnan(a), torch.isnan(r))
+        torch.testing.assert_close(a.nan_to_num(0.0), r.nan_to_num(0.0), atol=1e-5, rtol=1e-5)
 
 
 def _view_tokens(x: torch.Tensor, n: int) -> torch.Tensor:
