@@ -67,6 +67,8 @@ SHAPES = [  # b, hq, hk, lq, lk, d: odd lengths, GQA, a cached prefix (lq < lk),
     (2, 3, 1, 21, 50, 24),
     (1, 2, 2, 1, 9, 16),
     (1, 6, 3, 45, 61, 32),
+    (1, 4, 2, 29, 33, 80),   # head dim in two chunks (64 + 16), not padded to 128
+    (1, 2, 1, 19, 19, 48),   # 32 + 16
 ]
 DTYPES = {"fp32": (torch.float32, 2e-5), "fp16": (torch.float16, 3e-3)}
 MODES = ("subset", "all_rows")
@@ -204,6 +206,14 @@ def test_kernel_compiles_for_gpus_with_int64_offsets(dtype, arch):
     for name, ty in re.findall(r"tt\.addptr %(\w+), %[\w#]+ : !tt\.ptr<\w+>, (i\d+)", kernel.asm["ttir"]):
         types.setdefault(name, set()).add(ty)
     assert all(types.get(n) == {"i64"} for n in ("Q", "K", "V", "Out")), types
+
+
+def test_head_dims_split_into_power_of_two_chunks():
+    assert [tuple(sp.head_chunks(d).values()) for d in (24, 64, 80, 96, 128, 192)] == \
+        [(32, 0), (64, 0), (64, 16), (64, 32), (128, 0), (128, 64)]
+    q, k, v, q_idx, k_idx, sc = case(1, 2, 1, 9, 9, 80, frac=1.0, seed=1, mode="subset")
+    kw = sp.sparse_attention_launches(q, k, v, q_idx, k_idx, sc, on_gpu=True)[1][0][3]
+    assert (kw["BLOCK_D"], kw["BLOCK_D2"]) == (64, 16)
 
 
 def test_explicit_tiles_are_checked():

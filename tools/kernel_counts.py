@@ -6,7 +6,8 @@ version does with the same source, nothing about speed.
 
 Decode (`quant_decode`): the 7B-VLM layer (28 query heads, 4 KV heads, head dim 128), one query
 token, 32K tokens, batch 1, bf16 model. Sparse prefill (`sparse_prefill`): 8K tokens, half kept,
-the GPU default tiles, bf16.
+the GPU default tiles (the launch without autotuning), bf16, and
+the autotuner's candidate tiles.
 
     python tools/kernel_counts.py                 # sm_90
     python tools/kernel_counts.py --arch 80 --only decode
@@ -66,6 +67,11 @@ def sparse_variants() -> dict:
         k = torch.empty(1, L, hk, d, dtype=dtype, device="meta").transpose(1, 2)
         idx = torch.arange(0, L, 2)
         out[name] = sp.sparse_attention_launches(q, k, k, idx, idx, d ** -0.5, on_gpu=True)[1][0]
+    kernel, grid, a, kw = out["D=128 (7B), bf16"]
+    for c in sp.TUNE_CONFIGS:  # the autotuner's candidates at D = 128
+        name = f"D=128 bf16, tuned candidate {c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}, {c.num_warps} warps, " \
+               f"{c.num_stages} stages"
+        out[name] = (kernel, grid, a, dict(kw, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages))
     return out
 
 

@@ -98,13 +98,14 @@ def resources(kernel) -> dict[str, int]:
 
 def instruction_counts(kernel) -> dict[str, int]:
     """Static counts (per thread, whole kernel): registers, spills, shared memory; PTX ex2 / u16
-    division / int-to-float conversions / global loads / cp.async; and where nvdisasm is present
+    division / int-to-float conversions / global loads / cp.async / mma.sync / wgmma; and where nvdisasm is present
     SASS instructions in all, I2FP, CALL, LDG and spill stores (STL)."""
     ptx = kernel.asm["ptx"]
     out = resources(kernel)
     out.update({"ptx ex2": ptx.count("ex2.approx"), "ptx div.u16": ptx.count("div.u16"),
                 "ptx cvt.rn.f32.s32": ptx.count("cvt.rn.f32.s32"), "ptx ld.global": ptx.count("ld.global"),
-                "ptx cp.async": ptx.count("cp.async.ca") + ptx.count("cp.async.cg")})
+                "ptx cp.async": ptx.count("cp.async.ca") + ptx.count("cp.async.cg"),
+                "ptx mma": ptx.count("mma.sync.aligned"), "ptx wgmma": ptx.count("wgmma.mma_async")})
     code = sass(kernel)
     if code is not None:
         ops = collections.Counter(op.split(".")[0] for op in
