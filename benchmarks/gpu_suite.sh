@@ -59,7 +59,7 @@ if [ $status -ne 0 ]; then
 fi
 run kernel_counts "$py" tools/kernel_counts.py --arch 90 ${QUICK:+--only decode}
 run decode_bf16 "$py" benchmarks/quant_decode.py --dtype bf16 --contexts "$ctx" --batches "$batches" \
-  --repeats "$reps" $heads $peakarg
+  --repeats "$reps" --splits-per-sm 2,4 $heads $peakarg
 run zipvl_prefill "$py" benchmarks/zipvl_prefill.py --shape "$shape" --lengths "$lens" --repeats 3
 echo "total: $SECONDS s" | tee -a "$out/machine.md"
 exit $status

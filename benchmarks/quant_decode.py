@@ -117,6 +117,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--stat", default="median", choices=["median", "min", "cpu"],
                     help="min: min time; cpu: median process CPU time (CPU only; use with --threads 1)")
+    ap.add_argument("--splits-per-sm", default="2",
+                    help="comma-separated: token splits (programs) per SM for the kernel column; each value adds a row")
     ap.add_argument("--peak-gbps", type=float, default=None, help="the card's memory bandwidth, for a %% column")
     args = ap.parse_args()
     if args.threads:
@@ -134,7 +136,7 @@ def main() -> None:
           f"threads {torch.get_num_threads()}, {args.repeats} repeats"
           + (", L2 flushed before each repeat, kernel and dense SDPA replayed from CUDA graphs" if on_gpu else ""))
     hdr = "| press | batch | context | dense SDPA ms | layer ms | layer / dense |" \
-        + (" kernel ms | kernel / dense | kernel MB | kernel GB/s |" if on_gpu else "") \
+        + (" splits/SM | splits | kernel ms | kernel / dense | kernel MB | kernel GB/s |" if on_gpu else "") \
         + " torch path ms | segment MB | bits/elem |"
     if on_gpu and args.peak_gbps:
         hdr += " % of peak |"
@@ -157,9 +159,13 @@ def main() -> None:
                     planes, qt = [seg.keys], q
                 tp = timer(lambda: qd.quant_attention_torch(qt, planes, seg.values, scaling))
                 bits = 8 * seg.nbytes / (2 * b * seg.values.shape[1] * seg.num_tokens * d)
-                row = f"| `{spec}` | {b} | {t} | {dense * 1e3:.3f} | {lay * 1e3:.3f} | {lay / dense:.2f} |"
-                if on_gpu:
-                    out, lse, launches = qd.quant_attention_launches(qt, planes, seg.values, scaling, dtype=dtype)
+                head = f"| `{spec}` | {b} | {t} | {dense * 1e3:.3f} | {lay * 1e3:.3f} | {lay / dense:.2f} |"
+                tail = f" {tp * 1e3:.3f} | {seg.nbytes / 2**20:.1f} | {bits:.3f} |"
+                if not on_gpu:
+                    print(head + tail, flush=True)
+                for per_sm in ([int(x) for x in args.splits_per_sm.split(",")] if on_gpu else []):
+                    out, lse, launches = qd.quant_attention_launches(qt, planes, seg.values, scaling, dtype=dtype,
+                                                                     splits_per_sm=per_sm)
 
                     def run(launches=launches):
                         for kernel, grid, a, kw in launches:
@@ -168,11 +174,11 @@ def main() -> None:
                     kt = timer(run, graph=True)
                     nbytes = kernel_bytes(seg, qt, (out, lse), launches)
                     gbps = nbytes / kt / 1e9
-                    row += f" {kt * 1e3:.3f} | {kt / dense:.2f} | {nbytes / 2**20:.1f} | {gbps:.0f} |"
-                row += f" {tp * 1e3:.3f} | {seg.nbytes / 2**20:.1f} | {bits:.3f} |"
-                if on_gpu and args.peak_gbps:
-                    row += f" {100 * gbps / args.peak_gbps:.0f}% |"
-                print(row, flush=True)
+                    row = head + f" {per_sm} | {launches[0][1][1]} | {kt * 1e3:.3f} | {kt / dense:.2f} | " \
+                        f"{nbytes / 2**20:.1f} | {gbps:.0f} |" + tail
+                    if args.peak_gbps:
+                        row += f" {100 * gbps / args.peak_gbps:.0f}% |"
+                    print(row, flush=True)
                 del layer, k, v, seg
 
 

@@ -63,7 +63,8 @@ def test_decode_kernel_matches_reference_on_device(fmt, dtype):
     q = torch.randn(2, 28, 1, 128, generator=_gen(8)).to(DEV, dt)
     qt = transform(q)
     ref = qd.quant_attention_ref(qt, planes, vals, 128 ** -0.5)
-    for block_n, splits in [(None, None), (64, 3), (16, 7)]:
+    tiles = [(None, None), (64, 3)] + ([(16, 7)] if fmt in ("vidkv-1.5-t-8", "kivi-2-16") else [])
+    for block_n, splits in tiles:
         out, lse = qd.quant_attention_triton(qt, planes, vals, 128 ** -0.5, block_n=block_n, num_splits=splits, dtype=dt)
         assert torch.isfinite(out).all() and torch.isfinite(lse).all(), (fmt, block_n)
         torch.testing.assert_close(out, ref[0], atol=5e-3, rtol=5e-3, msg=lambda m: f"{fmt} {block_n}: {m}")
@@ -166,13 +167,24 @@ def test_sparse_kernel_matches_reference_on_device(shape, dtype):
     dt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     for mode, layout in (("subset", "blhd"), ("all_rows", "bhld")):
         q, k, v, q_idx, k_idx, sc = _sparse_case(*shape, 0.5, sum(shape), mode, dt, layout)
-        launch = sp.sparse_attention_launches(q, k, v, q_idx, k_idx, sc)[1][0]
-        assert launch[3]["UPCAST"] == (dtype == "fp32")
-        out = sp.sparse_attention_triton(q, k, v, q_idx, k_idx, sc)
+        out, launches = sp.sparse_attention_launches(q, k, v, q_idx, k_idx, sc)  # the untuned default tiles
+        kernel, grid, args, kwargs = launches[0]
+        assert kwargs["UPCAST"] == (dtype == "fp32") and kwargs["BLOCK_M"] == 64
+        kernel[grid](*args, **kwargs)
         ref = sp.sparse_attention_ref(q.float(), k.float(), v.float(), q_idx, k_idx, sc)
         assert out.dtype == dt and torch.isfinite(out).all()
         tol = SPARSE_TOL[dtype]
         torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol, msg=lambda m: f"{mode} {layout}: {m}")
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 4, 700, 700, 128), (2, 14, 2, 2500, 2600, 64)])
+def test_sparse_kernel_autotuned_on_device(shape):
+    """The production launch (autotuned tiles; at 2,500 queries the larger bucket) in bf16."""
+    for mode in ("subset", "all_rows"):
+        q, k, v, q_idx, k_idx, sc = _sparse_case(*shape, 0.5, sum(shape), mode, torch.bfloat16, "blhd")
+        out = sp.sparse_attention_triton(q, k, v, q_idx, k_idx, sc)
+        ref = sp.sparse_attention_ref(q.float(), k.float(), v.float(), q_idx, k_idx, sc)
+        torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2, msg=lambda m: f"{mode}: {m}")
 
 
 @pytest.mark.parametrize("tiles", [(16, 16, 4), (128, 64, 8), (32, 128, 4)])

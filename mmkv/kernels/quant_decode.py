@@ -412,9 +412,9 @@ def _channel_groups(key_planes, values) -> set[int]:
     return {p.group for p in [*key_planes, values] if getattr(p, "axis", "channel") == "channel"}
 
 
-def _num_splits(sms: int | None, bhk: int, tiles: int) -> int:
-    """Token splits per KV head: about two programs per SM on a GPU of `sms` SMs, 4 elsewhere."""
-    want = -(-2 * sms // bhk) if sms else 4
+def _num_splits(sms: int | None, bhk: int, tiles: int, per_sm: int = 2) -> int:
+    """Token splits per KV head: about `per_sm` programs per SM on a GPU of `sms` SMs, 4 elsewhere."""
+    want = -(-per_sm * sms // bhk) if sms else 4
     return max(1, min(tiles, want, MAX_SPLITS))
 
 
@@ -452,7 +452,7 @@ def _strides_bht(x: torch.Tensor) -> tuple[int, int, int]:
 
 def quant_attention_triton(qt: torch.Tensor, key_planes: list, values, scaling: float, *,
                            num_splits: int | None = None, block_n: int | None = None, num_warps: int = 4,
-                           dtype: torch.dtype | None = None):
+                           dtype: torch.dtype | None = None, splits_per_sm: int = 2):
     """Launch the fused kernel. Shapes (B batch, Hk KV heads, Hq = G * Hk query heads, T tokens):
 
     qt: [B, Hq, Lq, Dk] float, the query in stored-key coordinates (Dk = sum of the planes' dims);
@@ -463,7 +463,8 @@ def quant_attention_triton(qt: torch.Tensor, key_planes: list, values, scaling: 
       [B, Hk, T, ceil(D_i / 8)], scale [B, Hk, T/g, D_i] fp16 or uint8 log8);
     values: QuantTensor or TernaryTensor (codes [B, Hk, T, ceil(Dv / 5)], scale [B, Hk, T/g, Dv]
       fp16 or uint8 log8);
-    num_splits: token splits per KV head (default: about two programs per SM);
+    num_splits: token splits per KV head (default: about `splits_per_sm` programs per SM: more
+      programs keep more loads in flight, and each split adds a partial output to write and merge);
     block_n: tokens per tile, a power of two >= 16 on a GPU (>= 8 under the interpreter); default:
       the planes' common per-channel group, when it is a power of two in [16, 128], else 64. When
       a tile is exactly one group, each plane's group statistics are one row per tile, loaded and
@@ -476,7 +477,8 @@ def quant_attention_triton(qt: torch.Tensor, key_planes: list, values, scaling: 
     and head strides of a plane may be anything (views are fine).
     """
     out, lse, launches = quant_attention_launches(qt, key_planes, values, scaling, num_splits=num_splits,
-                                                  block_n=block_n, num_warps=num_warps, dtype=dtype)
+                                                  block_n=block_n, num_warps=num_warps, dtype=dtype,
+                                                  splits_per_sm=splits_per_sm)
     for kernel, grid, args, kwargs in launches:
         kernel[grid](*args, **kwargs)
     return out, lse
@@ -484,7 +486,8 @@ def quant_attention_triton(qt: torch.Tensor, key_planes: list, values, scaling: 
 
 def quant_attention_launches(qt: torch.Tensor, key_planes: list, values, scaling: float, *,
                              num_splits: int | None = None, block_n: int | None = None, num_warps: int = 4,
-                             dtype: torch.dtype | None = None, on_gpu: bool | None = None, sms: int | None = None):
+                             dtype: torch.dtype | None = None, on_gpu: bool | None = None, sms: int | None = None,
+                             splits_per_sm: int = 2):
     """What `quant_attention_triton` launches, without launching it: (out, lse, [(kernel, grid,
     args, kwargs)]), the two kernels with their exact arguments. `on_gpu` (default: qt on CUDA)
     and `sms` (default: the device's SM count) let `mmkv.kernels.aot` compile a GPU launch from
@@ -518,7 +521,7 @@ def quant_attention_launches(qt: torch.Tensor, key_planes: list, values, scaling
     check_block("block_n", block_n, on_gpu)
     one_group = len(groups) == 1 and block_n in groups and block_n >= 16
     tiles = -(-t // block_n)
-    s = num_splits or _num_splits(sms if on_gpu else None, b * hk, tiles)
+    s = num_splits or _num_splits(sms if on_gpu else None, b * hk, tiles, splits_per_sm)
     s = max(1, min(s, tiles, MAX_SPLITS))
     chunk = -(-tiles // s) * block_n
     s = -(-t // chunk)                                                   # no empty split
