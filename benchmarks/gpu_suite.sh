@@ -11,7 +11,9 @@
 #      vs SDPA on the same gathered subset.
 # Tables go to $OUT (or benchmarks/results/gpu), one markdown file per part, with nvidia-smi's
 # header and the time each part took. Uses python3 with PYTHONPATH=. (the device image has torch,
-# triton, transformers; pytest is needed for part 0).
+# triton, transformers). Part 0 needs pytest: where the device lacks it, install it beside the
+# checkout first (`pip install --target .gpu_deps pytest`, git-ignored) and send `.gpu_deps` with the
+# run (the device tool's `carry`); it is put on PYTHONPATH when present.
 #
 #   bash benchmarks/gpu_suite.sh              # on the GPU machine: sized for one call of <= 8 minutes
 #   QUICK=1 bash benchmarks/gpu_suite.sh      # small sizes: a smoke run (also on CPU, where part 0
@@ -23,6 +25,11 @@ mkdir -p "$out"
 py="${PYTHON:-python3}"
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && py=.venv/bin/python
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+[ -d .gpu_deps ] && export PYTHONPATH="$PYTHONPATH:$PWD/.gpu_deps"
+if ! "$py" -c "import pytest" 2>/dev/null; then
+  echo "pytest is not importable by $py: the device correctness suite cannot run, so nothing is timed"
+  echo "(pip install --target .gpu_deps pytest, then send .gpu_deps along)"; exit 1
+fi
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 case "$gpu" in
   *H200*) peak=4800 ;;
