@@ -3,11 +3,10 @@
 #   0. correctness on the device: `pytest -m gpu tests/test_gpu.py` (every kernel and format against
 #      its reference, fp16/bf16, GPU tiles, generate on CUDA == CPU). If anything fails, nothing is
 #      timed and the script exits 1;
-#   1. static kernel counts with the device's own Triton (tools/kernel_counts.py, sm_90);
-#   2. fused decode attention over the quantized cache, bf16, batch 1 and 8, 8K / 32K / 128K:
+#   1. fused decode attention over the quantized cache, bf16, batch 1 and 8, 8K / 32K / 128K:
 #      kernel alone (CUDA graph, L2 flushed) and the whole layer, against SDPA, GB/s on every byte
 #      the launches move (segment + split partials) and % of the card's peak;
-#   3. ZipVL sparse prefill, bf16: whole prefill vs dense at 8K-32K tokens, and one layer's kernel
+#   2. ZipVL sparse prefill, bf16: whole prefill vs dense at 8K-32K tokens, and one layer's kernel
 #      vs SDPA on the same gathered subset.
 # Tables go to $OUT (or benchmarks/results/gpu), one markdown file per part, with nvidia-smi's
 # header and the time each part took. Uses python3 with PYTHONPATH=. (the device image has torch,
@@ -17,7 +16,8 @@
 #
 #   bash benchmarks/gpu_suite.sh              # on the GPU machine: sized for one call of <= 8 minutes
 #   QUICK=1 bash benchmarks/gpu_suite.sh      # small sizes: a smoke run (also on CPU, where part 0
-#                                             # skips, part 1 compiles, and part 3 runs the sparse path)
+#                                             # skips and part 2 runs ZipVL's sparse path)
+# The static kernel counts need no GPU: `python tools/kernel_counts.py` (benchmarks/results/kernel_counts.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results/gpu}"
@@ -64,7 +64,6 @@ run correctness "$py" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
 if [ $status -ne 0 ]; then
   echo "correctness failed on the device: nothing timed"; exit 1
 fi
-run kernel_counts "$py" tools/kernel_counts.py --arch 90 ${QUICK:+--only decode}
 run decode_bf16 "$py" benchmarks/quant_decode.py --dtype bf16 --contexts "$ctx" --batches "$batches" \
   --repeats "$reps" --splits-per-sm 2,4 $heads $peakarg
 run zipvl_prefill "$py" benchmarks/zipvl_prefill.py --shape "$shape" --lengths "$lens" --repeats 3
