@@ -54,7 +54,7 @@ run() {  # run NAME CMD...: its stdout to $out/NAME.md, its stderr tail on failu
   local t0=$SECONDS
   echo "== $name: $*"
   if ! "$@" > "$out/$name.md" 2> "$out/$name.err"; then
-    echo "   FAILED after $((SECONDS - t0)) s:"; tail -15 "$out/$name.err"; status=1
+    echo "   FAILED after $((SECONDS - t0)) s:"; tail -40 "$out/$name.md"; tail -15 "$out/$name.err"; status=1
   else
     rm -f "$out/$name.err"; head -60 "$out/$name.md"; echo "   ($((SECONDS - t0)) s)"
   fi
