@@ -50,19 +50,25 @@ def prefill_once(pipe, embeds, positions) -> tuple[float, float, dict]:
     return time.perf_counter() - t, time.process_time() - c, pctx.stats
 
 
-def layer_attention(length: int, ratios, repeats: int, hq=14, hk=2, d=64, device="cpu"):
-    """One layer's attention: dense causal SDPA vs ZipVL's probes + sparse attention at fixed ratios."""
+def layer_attention(length: int, ratios, repeats: int, hq=14, hk=2, d=64, device="cpu", dtype=torch.float32):
+    """One layer's attention: dense causal SDPA vs ZipVL's probes + sparse attention at fixed ratios.
+
+    q, k, v are in the model's dtype and in transformers' layout (projections [B, L, H, D] viewed
+    as [B, H, L, D]), as the attention function receives them. The SDPA baselines get K/V repeated
+    to the query heads (and the subsets gathered) beforehand, untimed, so SDPA runs its fused
+    (FlashAttention) kernel rather than the GQA math path."""
     from mmkv.kernels.sparse_prefill import sparse_attention
     from mmkv.prefill.zipvl import adaptive_budget, pick_probes, probe_attention, probes_seeing, select_important
 
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(1, hq, length, d, generator=g).to(device)
-    k = torch.randn(1, hk, length, d, generator=g).to(device)
-    v = torch.randn(1, hk, length, d, generator=g).to(device)
+    q = torch.randn(1, length, hq, d, generator=g).to(device, dtype).transpose(1, 2)
+    k = torch.randn(1, length, hk, d, generator=g).to(device, dtype).transpose(1, 2)
+    v = torch.randn(1, length, hk, d, generator=g).to(device, dtype).transpose(1, 2)
+    kr, vr = k.repeat_interleave(hq // hk, 1), v.repeat_interleave(hq // hk, 1)
     sc = d ** -0.5
 
     def dense():
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=sc, enable_gqa=True)
+        return torch.nn.functional.scaled_dot_product_attention(q, kr, vr, is_causal=True, scale=sc)
 
     def probes():
         rows = pick_probes(length, 64, 64, torch.Generator().manual_seed(1)).to(device)
@@ -75,9 +81,9 @@ def layer_attention(length: int, ratios, repeats: int, hq=14, hk=2, d=64, device
         keep = select_important(rec, nnz, adaptive_budget(rec, 1.0, r))
         runs[f"sparse {r:.0%}"] = (lambda keep=keep: sparse_attention(q, k, v, keep, keep, sc))
         # the issue's yardstick for the kernel: SDPA on the same subset, gathered beforehand (not timed)
-        qs, ks, vs = q[:, :, keep].contiguous(), k[:, :, keep].contiguous(), v[:, :, keep].contiguous()
+        qs, ks, vs = q[:, :, keep].contiguous(), kr[:, :, keep].contiguous(), vr[:, :, keep].contiguous()
         runs[f"SDPA on the {r:.0%} subset"] = (lambda qs=qs, ks=ks, vs=vs: torch.nn.functional.scaled_dot_product_attention(
-            qs, ks, vs, is_causal=True, scale=sc, enable_gqa=True))
+            qs, ks, vs, is_causal=True, scale=sc))
     for fn in runs.values():  # warm-up
         fn()
     times = {n: [] for n in runs}
@@ -99,6 +105,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--recipes", default=None, help="comma-separated subset of the recipes (default: all)")
     ap.add_argument("--skip-layer", action="store_true", help="skip the one-layer attention table")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                    help="model dtype (auto: bf16 on CUDA, fp32 on CPU)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -108,7 +116,7 @@ def main() -> None:
 
     path = build_tiny("qwen2_vl", os.path.join(tempfile.mkdtemp(), "m"), shape=args.shape)
     recipes = RECIPES if not args.recipes else [(r.strip(), r.strip()) for r in args.recipes.split(",")]
-    base = mmkv.load(path)  # one model, shared by every recipe's pipeline
+    base = mmkv.load(path, dtype=args.dtype)  # one model, shared by every recipe's pipeline
     a = base.adapter
     pipes = {spec: mmkv.Pipeline(a, mmkv.Recipe.parse(spec), base.base_attn) for spec, _ in recipes}
     print(f"model: Qwen2-VL with a {args.shape}-shaped decoder ({a.num_layers} layers, {a.num_heads} heads, "
@@ -119,7 +127,9 @@ def main() -> None:
         ids = torch.randint(0, a.tokenizer.vocab_size, (length,), generator=g)
         embeds = a.embed(ids.to(a.device))
         positions = torch.arange(length)[None].expand(a.pos_dims, length)
-        prefill_once(pipes[recipes[0][0]], embeds[:256], positions[:, :256])
+        for spec, _ in recipes:  # warm-up of every recipe at this length (kernel compiles, autotuning, caches)
+            with torch.inference_mode():
+                prefill_once(pipes[spec], embeds, positions)
         wall = {s: [] for s, _ in recipes}
         cpu = {s: [] for s, _ in recipes}
         rel_wall = {s: [] for s, _ in recipes}
@@ -152,7 +162,7 @@ def main() -> None:
                   f"| {statistics.median(cpu[spec]):.2f} | {rc:.3f} | {1 / rc:.2f}x | {kept} | {saved} |")
         if not args.skip_layer:
             lt = layer_attention(length, (0.5, 0.3, 0.1), max(3, args.repeats), a.num_heads, a.num_kv_heads,
-                                 a.head_dim, str(a.device))
+                                 a.head_dim, str(a.device), a.dtype)
             print(f"\none layer's attention at {length} tokens ({a.num_heads} heads, {a.num_kv_heads} KV heads, "
                   f"head dim {a.head_dim}), median of {max(3, args.repeats)}")
             print("| part | wall ms | CPU ms | CPU vs dense | wall vs SDPA on the same subset |")

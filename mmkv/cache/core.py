@@ -18,6 +18,7 @@ cheap shallow snapshot (used to answer several questions from one encoded video)
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -26,7 +27,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .attend import causal_mask, merge_partials, partial_attention
-from .quant import QuantTensor
+from .quant import NonFiniteError, QuantTensor
 
 
 @dataclass
@@ -82,6 +83,18 @@ class KVLayer(CacheLayerMixin):
         self.fused = False  # attention reads the parts directly instead of a dequantized copy
         self.on_update: Callable[["KVLayer"], None] | None = None  # called before each append
 
+    index: int | None = None  # the decoder layer (set by CompressedCache), named in errors
+
+    @contextlib.contextmanager
+    def quantizing(self):
+        """Name this layer in a NonFiniteError raised by quantizing its entries."""
+        try:
+            yield
+        except NonFiniteError as e:
+            if e.layer is not None or self.index is None:
+                raise
+            raise NonFiniteError(str(e), self.index) from None
+
     # --- transformers layer API -------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -94,7 +107,8 @@ class KVLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self.on_update is not None:
-            self.on_update(self)
+            with self.quantizing():
+                self.on_update(self)
         n = key_states.shape[-2]
         new_pos = torch.arange(self.seen, self.seen + n, dtype=torch.int32, device=self.pos.device)
         self.keys = torch.cat([self.keys, key_states], dim=-2)
@@ -210,6 +224,8 @@ class CompressedCache(Cache):
 
     def __init__(self, num_layers: int):
         super().__init__(layers=[KVLayer() for _ in range(num_layers)])
+        for i, layer in enumerate(self.layers):
+            layer.index = i
 
     @property
     def seen(self) -> int:

@@ -71,5 +71,6 @@ class KIVI(KVPress):
 
     def compress(self, cache, ctx) -> None:
         for layer in cache.layers:
-            self.flush(layer)
+            with layer.quantizing():
+                self.flush(layer)
             layer.on_update = self.flush

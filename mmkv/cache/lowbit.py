@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .quant import STAT_DTYPE, PackedCodes, _finite16, decode_scale, log8_encode, pack, unpack
+from .quant import STAT_DTYPE, PackedCodes, _finite16, check_finite, decode_scale, log8_encode, pack, unpack
 
 TRITS_PER_BYTE = 5
 _POW3 = (1, 3, 9, 27, 81)
@@ -56,6 +56,7 @@ def unpack_ternary(packed: torch.Tensor, d: int) -> torch.Tensor:
 
 
 def _groups(x: torch.Tensor, group: int) -> torch.Tensor:
+    check_finite(x)  # NaN / inf: NonFiniteError (a log8 scale has no code for NaN)
     b, h, t, d = x.shape
     if group < 1 or t % group:
         raise ValueError(f"channel-wise groups need T % group == 0, got T={t}, group={group}")

@@ -39,9 +39,31 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import InputError
+
 PACKABLE_BITS = (1, 2, 4, 8)
 STAT_DTYPE = torch.float16
 FP16_MAX = 65504.0
+
+
+class NonFiniteError(InputError):
+    """Keys or values to quantize hold NaN or +-inf. No quantized format can carry them (the 8-bit
+    statistics have no code for NaN, and min-max or mean|x| statistics would spread one NaN over
+    its whole group, or clip an inf to a finite value), so quantizing refuses them; `layer` is the
+    decoder layer, when the cache knows it (`KVLayer.quantizing`)."""
+
+    def __init__(self, message: str, layer: int | None = None):
+        super().__init__(message if layer is None else f"layer {layer}: {message}")
+        self.layer = layer
+
+
+def check_finite(x: torch.Tensor) -> None:
+    """Raise NonFiniteError if x holds NaN or inf (one reduction; a device sync on a GPU)."""
+    if not bool(torch.isfinite(x).all()):
+        n_nan, n_inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
+        raise NonFiniteError(f"the keys or values to quantize hold {n_nan} NaN and {n_inf} inf of {x.numel()} "
+                             "entries: the model's activations overflowed or were NaN already (a quantized "
+                             "cache cannot carry them; without a quantizing KV press they propagate as usual)")
 
 
 def _finite16(x: torch.Tensor) -> torch.Tensor:
@@ -237,7 +259,9 @@ def quantize(x: torch.Tensor, bits: int, group: int, axis: str, stats: int = 16,
     `anchor`; per-channel groups only, see the module docstring). anchor: fp16 [B, H, 2, D] to
     reuse (to extend an existing tensor), else computed from x.
     Guarantees |x - dequantize(quantize(x))| <= scale / 2 elementwise (scale as stored).
+    Raises NonFiniteError if x holds NaN or inf.
     """
+    check_finite(x)
     if bits not in PACKABLE_BITS:
         raise ValueError(f"bits must be one of {PACKABLE_BITS}, got {bits}")
     if stats not in (8, 16):
@@ -376,6 +400,7 @@ def quantize_channel_separable(x: torch.Tensor, bits: int) -> ChannelScaledQuant
     """x [B, H, T, D] -> ChannelScaledQuant: c = sqrt(max over T of |x|) per (B, H, channel), stored in
     fp16 (zero channels get c = 1), then per-token min-max over D of x / c (with c as stored).
     Error bound: |x - dequant| <= c * scale / 2 elementwise."""
+    check_finite(x)
     c = x.float().abs().amax(2, keepdim=True).sqrt()                      # [B, H, 1, D]
     c = torch.where(c > 0, c, torch.ones_like(c)).to(STAT_DTYPE)
     c = torch.where(c.float() > 0, c, torch.ones_like(c))                  # fp16 underflow

@@ -418,7 +418,8 @@ class VidKV(KVPress):
         for layer in cache.layers:
             if not layer.is_initialized:
                 continue
-            self.quantize_layer(layer, sal)
+            with layer.quantizing():
+                self.quantize_layer(layer, sal)
             layer.on_update = self.flush
         if ctx is not None:
             segs = [s for layer in cache.layers for s in layer.segments if isinstance(s, VidKVSegment)]

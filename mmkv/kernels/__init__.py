@@ -26,3 +26,25 @@ def segment_attention(query: torch.Tensor, segment, scaling: float, block: int =
     out = merge_partials(parts)
     lse = torch.logsumexp(torch.stack([lse for _, lse in parts]), 0)
     return out, lse
+
+
+def interpreter_problem() -> str | None:
+    """Why `TRITON_INTERPRET=1` cannot run mmkv's kernels with the installed packages, or None.
+
+    Triton 3.6's interpreter turns loop bounds into ints with `int()` on 1-element arrays, which
+    numpy 2.4 refuses (`only 0-dimensional arrays can be converted to Python scalars`): every
+    kernel with a runtime `range()` loop fails. Triton 3.8 (checked) is fine. The compiled kernels
+    are unaffected."""
+    try:
+        import numpy
+        import triton
+    except ImportError:
+        return "triton is not installed"
+
+    def version(s):
+        return tuple(int(x) for x in s.split("+")[0].split(".")[:2])
+
+    if version(triton.__version__) < (3, 7) and version(numpy.__version__) >= (2, 4):
+        return (f"triton {triton.__version__}'s interpreter fails on runtime loops with numpy {numpy.__version__} "
+                "(int() of a 1-element array); the interpreter tests need triton >= 3.8 or numpy < 2.4")
+    return None

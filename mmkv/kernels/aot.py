@@ -1,67 +1,115 @@
-"""Compile the Triton kernels for an NVIDIA target without a GPU, and count their instructions.
+"""Compile the Triton kernels for an NVIDIA target without a GPU, exactly as a launch would, and
+read what the compiler made of them.
 
 Development tooling: the interpreter (`TRITON_INTERPRET=1`) checks what kernels compute, not how
-they compile; `aot_compile` runs the real compiler (ptxas ships with triton) for sm_80 / sm_90,
-and `instruction_counts` reads the PTX and, where triton's `nvdisasm` is present, the SASS.
-`tools/kernel_counts.py` prints the decode kernel's counts; the tests compile every kernel.
+they compile. `compile_launch` takes a launch as the launchers describe it (`(kernel, grid, args,
+kwargs)`, from `quant_decode.quant_attention_launches` or `sparse_prefill.sparse_attention_launches`)
+and runs the real compiler (ptxas ships with triton) for sm_80 / sm_90 with the launch's own
+specialization: the argument types (i32 or i64 by value), the integers equal to 1 that become
+constants, the 16-divisibility of integers and pointers, the constexprs and the options
+(num_warps, num_stages), through triton's own binder, as `JITFunction.run` does on a GPU. The
+arguments may be CPU or meta tensors (`device="meta"`: any shape, no memory), so the launch at a
+128K-token, batch-8 shape compiles here. `instruction_counts` reads the PTX, and where triton
+ships `nvdisasm` / `cuobjdump` the SASS and the resource usage (registers, spills, shared memory).
+`tools/kernel_counts.py` prints a table; the tests compile every kernel and read the IR.
 """
 from __future__ import annotations
 
 import collections
-import inspect
+import dataclasses
 import os
 import re
 import subprocess
 import tempfile
 
-# The fused decode kernel's pointer types (mmkv.kernels.quant_decode._quant_decode_kernel) with
-# fp16 statistics, and with 8-bit ones; every other argument compiles as i32.
-DECODE_POINTERS = {"Q": "*fp32", "OP": "*fp32", "LP": "*fp32", "K1C": "*u8", "K1S": "*fp16", "K1Z": "*fp16",
-                   "K1N": "*fp16", "K2C": "*u8", "K2S": "*fp16", "VC": "*u8", "VS": "*fp16", "VZ": "*fp16",
-                   "VN": "*fp16"}
-DECODE_POINTERS_STATS8 = {**DECODE_POINTERS, "K1S": "*u8", "K1Z": "*i8", "K2S": "*u8", "VS": "*u8", "VZ": "*u8"}
-# VidKV at head dim 128 (64 2-bit channels | 64 FFT signs, ternary values), 8-bit statistics,
-# 32-token tiles of one group each, GQA rows padded to 16.
-DECODE_VIDKV8 = dict(D1=64, D2=64, DV=128, HAS_K1=True, HAS_K2=True, K1_BITS=2, K1_AXIS=0, V_TERNARY=True,
-                     V_BITS=2, V_AXIS=0, K1_S8=True, K2_S8=True, V_S8=True, ONE_GROUP=True, BLOCK_R=16,
-                     BLOCK_N=32, BLOCK_D1=64, BLOCK_D2=64, BLOCK_DV=128, DOT_F32=False)
+import torch
 
 
-def aot_compile(fn, constexprs: dict, pointers: dict, arch: int, num_warps: int = 4):
-    """Compile the @triton.jit kernel `fn` for sm_`arch` (no GPU needed); returns the compiled
-    kernel (its `.asm` holds "ptx" and "cubin")."""
+def compile_launch(launch, arch: int = 90):
+    """Compile `kernel[grid](*args, **kwargs)` for sm_`arch` without running it; returns triton's
+    CompiledKernel (`.asm` holds "ttir", "ttgir", "ptx", "cubin"; `.metadata.shared` the shared
+    memory in bytes)."""
     from triton import compile as triton_compile
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
 
-    sig = {p: "constexpr" if p in constexprs else pointers.get(p, "i32") for p in inspect.signature(fn.fn).parameters}
-    return triton_compile(ASTSource(fn, sig, constexprs=constexprs), target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": num_warps})
+    kernel, _grid, args, kwargs = launch
+    fn = kernel
+    while not hasattr(fn, "params"):  # an Autotuner (or a heuristics wrapper) around the JITFunction
+        fn = fn.fn
+    kwargs = dict(kwargs, debug=False)
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    return triton_compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
 
 
-def sass(kernel) -> str | None:
-    """The kernel's SASS through triton's bundled nvdisasm, or None where it is absent."""
+def meta_plane(p, batch: int, heads: int, tokens: int):
+    """A plane (QuantTensor, SignTensor, TernaryTensor) of the same format at [batch, heads,
+    tokens, D], its tensors on the meta device: what a launch at that shape sees, without memory."""
+    def like(x, n):
+        return None if x is None else torch.empty(batch, heads, n, x.shape[-1], dtype=x.dtype, device="meta")
+
+    t_stats = tokens if getattr(p, "axis", "channel") == "token" else tokens // p.group
+    fields = {"codes": like(p.codes, tokens), "scale": like(p.scale, t_stats)}
+    if hasattr(p, "zero"):
+        fields["zero"] = like(p.zero, t_stats)
+    if getattr(p, "anchor", None) is not None:
+        fields["anchor"] = like(p.anchor, 2)
+    return dataclasses.replace(p, **fields)
+
+
+def _tool(name: str) -> str | None:
     import triton
 
-    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
-    if not os.path.exists(nvdisasm):
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    return path if os.path.exists(path) else None
+
+
+def _on_cubin(kernel, tool: str, *flags) -> str | None:
+    exe = _tool(tool)
+    if exe is None:
         return None
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
-        return subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([exe, *flags, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def sass(kernel) -> str | None:
+    """The kernel's SASS through triton's bundled nvdisasm, or None where it is absent."""
+    return _on_cubin(kernel, "nvdisasm", "-c")
+
+
+def resources(kernel) -> dict[str, int]:
+    """Registers per thread, local (spill) bytes per thread and shared memory per program, from
+    triton's bundled cuobjdump and the compiled metadata; {} where cuobjdump is absent."""
+    out = _on_cubin(kernel, "cuobjdump", "-res-usage")
+    if out is None:
+        return {}
+    use = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", out))
+    return {"registers": int(use.get("REG", 0)), "spill bytes": int(use.get("LOCAL", 0)) + int(use.get("STACK", 0)),
+            "shared bytes": int(kernel.metadata.shared)}
 
 
 def instruction_counts(kernel) -> dict[str, int]:
-    """Static counts (per thread, whole kernel): PTX ex2 / u16 division / int-to-float conversions /
-    global loads, and where nvdisasm is present SASS instructions in all, I2FP, CALL and LDG."""
+    """Static counts (per thread, whole kernel): registers, spills, shared memory; PTX ex2 / u16
+    division / int-to-float conversions / global loads / cp.async / mma.sync / wgmma; and where nvdisasm is present
+    SASS instructions in all, I2FP, CALL, LDG and spill stores (STL)."""
     ptx = kernel.asm["ptx"]
-    out = {"ptx ex2": ptx.count("ex2.approx"), "ptx div.u16": ptx.count("div.u16"),
-           "ptx cvt.rn.f32.s32": ptx.count("cvt.rn.f32.s32"), "ptx ld.global": ptx.count("ld.global")}
+    out = resources(kernel)
+    out.update({"ptx ex2": ptx.count("ex2.approx"), "ptx div.u16": ptx.count("div.u16"),
+                "ptx cvt.rn.f32.s32": ptx.count("cvt.rn.f32.s32"), "ptx ld.global": ptx.count("ld.global"),
+                "ptx cp.async": ptx.count("cp.async.ca") + ptx.count("cp.async.cg"),
+                "ptx mma": ptx.count("mma.sync.aligned"), "ptx wgmma": ptx.count("wgmma.mma_async")})
     code = sass(kernel)
     if code is not None:
         ops = collections.Counter(op.split(".")[0] for op in
                                   re.findall(r"/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", code))
         out.update({"sass total": sum(ops.values()), "sass I2FP": ops["I2FP"] + ops["I2F"], "sass CALL": ops["CALL"],
-                    "sass LDG": ops["LDG"]})
+                    "sass LDG": ops["LDG"], "sass STL": ops["STL"]})
     return out

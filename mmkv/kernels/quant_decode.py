@@ -185,15 +185,27 @@ if triton is not None:
         return tl.where(cf > 0, tl.exp2((cf - 128.0) * 0.125), 0.0)
 
     @triton.jit
-    def _minmax_stats(S, Z, N, sidx, smask, offs_d, dmask, dim, STAT8: tl.constexpr):
+    def _columns(BLOCK_D: tl.constexpr, PER: tl.constexpr):
+        """(byte, digit) of a tile's BLOCK_D columns for codes packed PER to a byte; column i holds
+        channel byte * PER + digit. Adjacent column pairs read adjacent bytes (PER = 1: the
+        identity): the code pointers are truly 2-contiguous along the channels, so the compiler
+        lays the tile out with channels across lanes and tokens in registers under every Triton
+        version (with 1-contiguous pointers on both axes, Triton 3.6 broke the tie the other way,
+        and the per-tile statistics became one decode per element)."""
+        i = tl.arange(0, BLOCK_D)
+        return (i // (2 * PER)) * 2 + i % 2, (i // 2) % PER
+
+    @triton.jit
+    def _minmax_stats(S, Z, N, sidx, smask, ch, dmask, dim, STAT8: tl.constexpr):
         """(scale, zero) fp32 at the statistics offsets `sidx` (a [BLOCK_D] row or a whole tile);
         with STAT8 decoded against the anchor N [2, dim]: scale = ref * 2 ** ((code - 191) / 32),
-        zero = center + scale * int8 code / 16 (the [BLOCK_D] anchor rows broadcast)."""
+        zero = center + scale * int8 code / 16 (the [BLOCK_D] anchor rows at channels `ch`
+        broadcast). As in the PyTorch path, code 0 is ref * 0 (so a NaN anchor stays NaN)."""
         if STAT8:
             c = tl.load(S + sidx, mask=smask, other=0).to(tl.float32)
-            cen = tl.load(N + offs_d, mask=dmask, other=0.0).to(tl.float32)
-            ref = tl.load(N + dim + offs_d, mask=dmask, other=0.0).to(tl.float32)
-            sc = tl.where(c > 0, ref * tl.exp2((c - 191.0) * 0.03125), 0.0)
+            cen = tl.load(N + ch, mask=dmask, other=0.0).to(tl.float32)
+            ref = tl.load(N + dim + ch, mask=dmask, other=0.0).to(tl.float32)
+            sc = ref * tl.where(c > 0, tl.exp2((c - 191.0) * 0.03125), 0.0)
             z = cen + sc * (tl.load(Z + sidx, mask=smask, other=0).to(tl.float32) * 0.0625)
         else:
             sc = tl.load(S + sidx, mask=smask, other=0.0).to(tl.float32)
@@ -201,26 +213,30 @@ if triton is not None:
         return sc, z
 
     @triton.jit
-    def _minmax_tile(C, S, Z, N, sc_t, ss_r, offs_n, nmask, offs_d, dim, group, start,
+    def _minmax_tile(C, S, Z, N, sc_t, ss_r, offs_n, nmask, dim, group, start, BLOCK_D: tl.constexpr,
                      BITS: tl.constexpr, AXIS: tl.constexpr, STAT8: tl.constexpr, ONE_GROUP: tl.constexpr):
-        """Dequantized min-max tile [BLOCK_N, BLOCK_D] (fp32): code * scale + zero; with STAT8
-        (per-channel only, N = the anchor [2, D]: center, scale reference) scale = ref[d] *
-        2 ** ((uint8 code - 191) / 32), zero = center[d] + scale * int8 code / 16. ONE_GROUP (per
-        channel, the tile is exactly group `start // group`): the statistics are one [BLOCK_D]
-        row, loaded and decoded once per tile and broadcast over its tokens."""
-        dmask = offs_d < dim
+        """Dequantized min-max tile [BLOCK_N, BLOCK_D] (fp32), columns in `_columns` order:
+        code * scale + zero; with STAT8 (per-channel only, N = the anchor [2, D]: center, scale
+        reference) scale = ref[d] * 2 ** ((uint8 code - 191) / 32), zero = center[d] + scale * int8
+        code / 16. ONE_GROUP (per channel, the tile is exactly group `start // group`): the
+        statistics are one [BLOCK_D] row, loaded and decoded once per tile and broadcast over its
+        tokens."""
+        PER: tl.constexpr = 8 // BITS
+        byte_i, digit = _columns(BLOCK_D, PER)
+        ch = byte_i * PER + digit
+        dmask = ch < dim
         mask = nmask[:, None] & dmask[None, :]
-        byte = tl.load(C + offs_n[:, None] * sc_t + (offs_d // (8 // BITS))[None, :], mask=mask, other=0)
-        code = (byte.to(tl.int32) >> ((offs_d % (8 // BITS)) * BITS)[None, :]) & ((1 << BITS) - 1)
+        byte = tl.load(C + offs_n[:, None] * sc_t + byte_i[None, :], mask=mask, other=0)
+        code = (byte.to(tl.int32) >> (digit * BITS)[None, :]) & ((1 << BITS) - 1)
         if AXIS == 0 and ONE_GROUP:
-            sc, z = _minmax_stats(S, Z, N, (start // group) * ss_r + offs_d, dmask, offs_d, dmask, dim, STAT8)
+            sc, z = _minmax_stats(S, Z, N, (start // group) * ss_r + ch, dmask, ch, dmask, dim, STAT8)
             sc, z = sc[None, :], z[None, :]
         else:
             if AXIS == 0:  # per channel, groups of tokens: stats [T // group, dim]
-                sidx = (offs_n // group)[:, None] * ss_r + offs_d[None, :]
+                sidx = (offs_n // group)[:, None] * ss_r + ch[None, :]
             else:          # per token, groups of channels: stats [T, dim // group]
-                sidx = offs_n[:, None] * ss_r + (offs_d // group)[None, :]
-            sc, z = _minmax_stats(S, Z, N, sidx, mask, offs_d, dmask, dim, STAT8)
+                sidx = offs_n[:, None] * ss_r + (ch // group)[None, :]
+            sc, z = _minmax_stats(S, Z, N, sidx, mask, ch[None, :], dmask[None, :], dim, STAT8)
         return _u2f(code) * sc + z
 
     @triton.jit
@@ -230,37 +246,45 @@ if triton is not None:
         return tl.load(S + sidx, mask=mask, other=0.0).to(tl.float32)
 
     @triton.jit
-    def _sign_tile(C, S, sc_t, ss_r, offs_n, nmask, offs_d, dim, group, start, S8: tl.constexpr,
+    def _sign_tile(C, S, sc_t, ss_r, offs_n, nmask, dim, group, start, BLOCK_D: tl.constexpr, S8: tl.constexpr,
                    ONE_GROUP: tl.constexpr):
-        """Dequantized sign tile [BLOCK_N, BLOCK_D] (fp32): (2 * bit - 1) * scale."""
-        dmask = offs_d < dim
+        """Dequantized sign tile [BLOCK_N, BLOCK_D] (fp32, `_columns` order): (2 * bit - 1) * scale."""
+        byte_i, digit = _columns(BLOCK_D, 8)
+        ch = byte_i * 8 + digit
+        dmask = ch < dim
         mask = nmask[:, None] & dmask[None, :]
-        byte = tl.load(C + offs_n[:, None] * sc_t + (offs_d // 8)[None, :], mask=mask, other=0)
-        bit = (byte.to(tl.int32) >> (offs_d % 8)[None, :]) & 1
+        byte = tl.load(C + offs_n[:, None] * sc_t + byte_i[None, :], mask=mask, other=0)
+        bit = (byte.to(tl.int32) >> digit[None, :]) & 1
         if ONE_GROUP:  # the tile is group start // group: one row of scales, decoded once
-            sc = _load_scale(S, (start // group) * ss_r + offs_d, dmask, S8)[None, :]
+            sc = _load_scale(S, (start // group) * ss_r + ch, dmask, S8)[None, :]
         else:
-            sc = _load_scale(S, (offs_n // group)[:, None] * ss_r + offs_d[None, :], mask, S8)
+            sc = _load_scale(S, (offs_n // group)[:, None] * ss_r + ch[None, :], mask, S8)
         return tl.where(bit != 0, sc, -sc)
 
     @triton.jit
-    def _ternary_tile(C, S, sc_t, ss_r, offs_n, nmask, offs_d, dim, group, start, S8: tl.constexpr,
-                      ONE_GROUP: tl.constexpr):
-        """Dequantized ternary tile [BLOCK_N, BLOCK_D] (fp32): (digit - 1) * scale, 5 digits a byte."""
-        dmask = offs_d < dim
-        mask = nmask[:, None] & dmask[None, :]
-        byte = tl.load(C + offs_n[:, None] * sc_t + (offs_d // 5)[None, :], mask=mask, other=0).to(tl.int32)
-        e = offs_d % 5
-        # digit e of the byte in base 3 without integer division: byte // 3**e == (byte * inv) >> 16
-        # with inv = ceil(2**16 / 3**e), and q % 3 == q - 3 * ((q * 21846) >> 16), exact for bytes
+    def _trit_digits(C, sc_t, offs_n, nmask, dim, BLOCK_D: tl.constexpr):
+        """Base-3 digits {0, 1, 2} [BLOCK_N, BLOCK_D] (int32, natural channel order), 5 a byte, and
+        the channel mask. Digit e of a byte without integer division: byte // 3**e == (byte * inv)
+        >> 16 with inv = ceil(2**16 / 3**e), and q % 3 == q - 3 * ((q * 21846) >> 16), exact for
+        bytes."""
+        ch = tl.arange(0, BLOCK_D)
+        dmask = ch < dim
+        byte = tl.load(C + offs_n[:, None] * sc_t + (ch // 5)[None, :], mask=nmask[:, None] & dmask[None, :],
+                       other=0).to(tl.int32)
+        e = ch % 5
         inv = tl.where(e == 0, 65536, tl.where(e == 1, 21846, tl.where(e == 2, 7282, tl.where(e == 3, 2428, 810))))
         q = (byte * inv[None, :]) >> 16
-        digit = q - 3 * ((q * 21846) >> 16)
-        if ONE_GROUP:  # the tile is group start // group: one row of scales, decoded once
-            sc = _load_scale(S, (start // group) * ss_r + offs_d, dmask, S8)[None, :]
-        else:
-            sc = _load_scale(S, (offs_n // group)[:, None] * ss_r + offs_d[None, :], mask, S8)
-        return tl.where(digit == 2, sc, tl.where(digit == 0, -sc, 0.0))
+        return q - 3 * ((q * 21846) >> 16), dmask
+
+    @triton.jit
+    def _ternary_tile(C, S, sc_t, ss_r, offs_n, nmask, dim, group, BLOCK_D: tl.constexpr, S8: tl.constexpr):
+        """Dequantized ternary tile [BLOCK_N, BLOCK_D] (fp32): (digit - 1) * scale, statistics per
+        element (tiles spanning several groups). A zero trit is 0 * scale, as in the PyTorch path
+        (a NaN scale is never hidden)."""
+        digit, dmask = _trit_digits(C, sc_t, offs_n, nmask, dim, BLOCK_D)
+        ch = tl.arange(0, BLOCK_D)
+        sc = _load_scale(S, (offs_n // group)[:, None] * ss_r + ch[None, :], nmask[:, None] & dmask[None, :], S8)
+        return tl.where(digit == 2, sc, tl.where(digit == 0, -sc, sc * 0.0))
 
     @triton.jit
     def _dot(a, b, DOT_F32: tl.constexpr):
@@ -285,25 +309,30 @@ if triton is not None:
     ):
         bh = tl.program_id(0)
         sp = tl.program_id(1)
-        b = bh // HK
-        h = bh % HK
+        b = (bh // HK).to(tl.int64)  # batch and head base offsets in int64: b * stride passes 2**31 at
+        h = (bh % HK).to(tl.int64)   # long contexts (e.g. 8-bit planes at batch 8 x 600K tokens)
         offs_r = tl.arange(0, BLOCK_R)
         rmask = offs_r < R
         q_rows = Q + (bh * R + offs_r) * (D1 + D2)                       # Q: [B*HK, R, D1 + D2] fp32
-        offs_d1 = tl.arange(0, BLOCK_D1)
-        offs_d2 = tl.arange(0, BLOCK_D2)
-        offs_dv = tl.arange(0, BLOCK_DV)
         if HAS_K1:
-            q1 = tl.load(q_rows[:, None] + offs_d1[None, :], mask=rmask[:, None] & (offs_d1 < D1)[None, :], other=0.0)
+            c1, e1 = _columns(BLOCK_D1, 8 // K1_BITS)
+            ch1 = c1 * (8 // K1_BITS) + e1                               # the tile's channel order
+            q1 = tl.load(q_rows[:, None] + ch1[None, :], mask=rmask[:, None] & (ch1 < D1)[None, :], other=0.0)
             k1c = K1C + b * k1c_b + h * k1c_h
             k1s = K1S + b * k1s_b + h * k1s_h
             k1z = K1Z + b * k1s_b + h * k1s_h
             k1n = K1N + b * k1n_b + h * k1n_h
         if HAS_K2:
-            q2 = tl.load(q_rows[:, None] + D1 + offs_d2[None, :], mask=rmask[:, None] & (offs_d2 < D2)[None, :],
-                         other=0.0)
+            c2, e2 = _columns(BLOCK_D2, 8)
+            ch2 = c2 * 8 + e2
+            q2 = tl.load(q_rows[:, None] + D1 + ch2[None, :], mask=rmask[:, None] & (ch2 < D2)[None, :], other=0.0)
             k2c = K2C + b * k2c_b + h * k2c_h
             k2s = K2S + b * k2s_b + h * k2s_h
+        if V_TERNARY:
+            chv = tl.arange(0, BLOCK_DV)
+        else:
+            cv, ev = _columns(BLOCK_DV, 8 // V_BITS)
+            chv = cv * (8 // V_BITS) + ev                                # acc's columns are these channels
         vc = VC + b * vc_b + h * vc_h
         vs = VS + b * vs_b + h * vs_h
         vz = VZ + b * vs_b + h * vs_h
@@ -319,11 +348,11 @@ if triton is not None:
             nmask = offs_n < hi
             s = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
             if HAS_K1:
-                k1 = _minmax_tile(k1c, k1s, k1z, k1n, k1c_t, k1s_r, offs_n, nmask, offs_d1, D1, k1_group, start,
+                k1 = _minmax_tile(k1c, k1s, k1z, k1n, k1c_t, k1s_r, offs_n, nmask, D1, k1_group, start, BLOCK_D1,
                                   K1_BITS, K1_AXIS, K1_S8, ONE_GROUP)
                 s += _dot(q1, tl.trans(k1), DOT_F32)
             if HAS_K2:
-                k2 = _sign_tile(k2c, k2s, k2c_t, k2s_r, offs_n, nmask, offs_d2, D2, k2_group, start, K2_S8,
+                k2 = _sign_tile(k2c, k2s, k2c_t, k2s_r, offs_n, nmask, D2, k2_group, start, BLOCK_D2, K2_S8,
                                 ONE_GROUP)
                 s += _dot(q2, tl.trans(k2), DOT_F32)
             s = tl.where(nmask[None, :], s, float("-inf"))
@@ -332,17 +361,26 @@ if triton is not None:
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             if V_TERNARY:
-                v = _ternary_tile(vc, vs, vc_t, vs_r, offs_n, nmask, offs_dv, DV, v_group, start, V_S8, ONE_GROUP)
+                if ONE_GROUP:  # p @ (t * sc) == (p @ t) * sc: the row of scales multiplies the product
+                    digit, dmask = _trit_digits(vc, vc_t, offs_n, nmask, DV, BLOCK_DV)
+                    t = _u2f(digit) - 1.0
+                    sc = _load_scale(vs, (start // v_group) * vs_r + chv, dmask, V_S8)
+                    pv = _dot(p, t, DOT_F32) * sc[None, :]
+                else:
+                    pv = _dot(p, _ternary_tile(vc, vs, vc_t, vs_r, offs_n, nmask, DV, v_group, BLOCK_DV, V_S8),
+                              DOT_F32)
             else:
-                v = _minmax_tile(vc, vs, vz, vn, vc_t, vs_r, offs_n, nmask, offs_dv, DV, v_group, start, V_BITS,
+                v = _minmax_tile(vc, vs, vz, vn, vc_t, vs_r, offs_n, nmask, DV, v_group, start, BLOCK_DV, V_BITS,
                                  V_AXIS, V_S8, ONE_GROUP)
-            acc = acc * alpha[:, None] + _dot(p, v, DOT_F32)
+                pv = _dot(p, v, DOT_F32)
+            acc = acc * alpha[:, None] + pv
             m_i = m_new
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         out_rows = (bh * NSPLIT + sp) * R + offs_r                       # OP: [B*HK, S, R, DV]; LP: [B*HK, S, R]
-        tl.store(OP + out_rows[:, None] * DV + offs_dv[None, :], acc / l_safe[:, None],
-                 mask=rmask[:, None] & (offs_dv < DV)[None, :])
-        tl.store(LP + out_rows, tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf")), mask=rmask)
+        tl.store(OP + out_rows[:, None] * DV + chv[None, :], acc / l_safe[:, None],
+                 mask=rmask[:, None] & (chv < DV)[None, :])
+        # log2-sum-exp; a NaN sum stays NaN (its split must not drop out of the merge as -inf would)
+        tl.store(LP + out_rows, tl.where(l_i == 0, float("-inf"), m_i + tl.log2(l_i)), mask=rmask)
 
     @triton.jit
     def _reduce_kernel(OP, LP, OUT, LSE, R, NSPLIT, DV: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -374,13 +412,19 @@ def _channel_groups(key_planes, values) -> set[int]:
     return {p.group for p in [*key_planes, values] if getattr(p, "axis", "channel") == "channel"}
 
 
-def _num_splits(device, bhk: int, tiles: int) -> int:
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        want = -(-2 * sms // bhk)
-    else:
-        want = 4
+def _num_splits(sms: int | None, bhk: int, tiles: int, per_sm: int = 2) -> int:
+    """Token splits per KV head: about `per_sm` programs per SM on a GPU of `sms` SMs, 4 elsewhere."""
+    want = -(-per_sm * sms // bhk) if sms else 4
     return max(1, min(tiles, want, MAX_SPLITS))
+
+
+def check_block(name: str, value: int, on_gpu: bool) -> None:
+    """An explicit tile size must be a power of two, at least 16 on a GPU (tl.dot needs 16 per
+    dimension there) and at least 8 under the interpreter."""
+    lo = 16 if on_gpu else 8
+    if not isinstance(value, int) or value < lo or value & (value - 1):
+        raise ValueError(f"{name}={value!r}: tile sizes must be powers of two >= {lo} "
+                         f"({'tl.dot on a GPU needs 16 per dimension' if on_gpu else 'interpreter minimum'})")
 
 
 def _same_strides(scale: torch.Tensor, zero: torch.Tensor):
@@ -408,7 +452,7 @@ def _strides_bht(x: torch.Tensor) -> tuple[int, int, int]:
 
 def quant_attention_triton(qt: torch.Tensor, key_planes: list, values, scaling: float, *,
                            num_splits: int | None = None, block_n: int | None = None, num_warps: int = 4,
-                           dtype: torch.dtype | None = None):
+                           dtype: torch.dtype | None = None, splits_per_sm: int = 2):
     """Launch the fused kernel. Shapes (B batch, Hk KV heads, Hq = G * Hk query heads, T tokens):
 
     qt: [B, Hq, Lq, Dk] float, the query in stored-key coordinates (Dk = sum of the planes' dims);
@@ -419,11 +463,12 @@ def quant_attention_triton(qt: torch.Tensor, key_planes: list, values, scaling: 
       [B, Hk, T, ceil(D_i / 8)], scale [B, Hk, T/g, D_i] fp16 or uint8 log8);
     values: QuantTensor or TernaryTensor (codes [B, Hk, T, ceil(Dv / 5)], scale [B, Hk, T/g, Dv]
       fp16 or uint8 log8);
-    num_splits: token splits per KV head (default: about two programs per SM);
-    block_n: tokens per tile (default: the planes' common per-channel group, when it is a power of
-      two in [16, 128], else 64). When a tile is exactly one group, each plane's group statistics
-      are one row per tile, loaded and decoded (8-bit codes: one exp2) once per channel instead of
-      once per element;
+    num_splits: token splits per KV head (default: about `splits_per_sm` programs per SM: more
+      programs keep more loads in flight, and each split adds a partial output to write and merge);
+    block_n: tokens per tile, a power of two >= 16 on a GPU (>= 8 under the interpreter); default:
+      the planes' common per-channel group, when it is a power of two in [16, 128], else 64. When
+      a tile is exactly one group, each plane's group statistics are one row per tile, loaded and
+      decoded (8-bit codes: one exp2) once per channel instead of once per element;
     dtype: the model's dtype (default qt's): fp32 gives IEEE fp32 dot operands, anything else fp16
       operands (tensor cores) with fp32 accumulation.
     Returns out [B, Hq, Lq, Dv] fp32 (normalized) and lse [B, Hq, Lq] fp32 (natural log).
@@ -431,6 +476,22 @@ def quant_attention_triton(qt: torch.Tensor, key_planes: list, values, scaling: 
     Preconditions (asserted): G * Lq <= MAX_ROWS; every plane's last dim contiguous; the batch
     and head strides of a plane may be anything (views are fine).
     """
+    out, lse, launches = quant_attention_launches(qt, key_planes, values, scaling, num_splits=num_splits,
+                                                  block_n=block_n, num_warps=num_warps, dtype=dtype,
+                                                  splits_per_sm=splits_per_sm)
+    for kernel, grid, args, kwargs in launches:
+        kernel[grid](*args, **kwargs)
+    return out, lse
+
+
+def quant_attention_launches(qt: torch.Tensor, key_planes: list, values, scaling: float, *,
+                             num_splits: int | None = None, block_n: int | None = None, num_warps: int = 4,
+                             dtype: torch.dtype | None = None, on_gpu: bool | None = None, sms: int | None = None,
+                             splits_per_sm: int = 2):
+    """What `quant_attention_triton` launches, without launching it: (out, lse, [(kernel, grid,
+    args, kwargs)]), the two kernels with their exact arguments. `on_gpu` (default: qt on CUDA)
+    and `sms` (default: the device's SM count) let `mmkv.kernels.aot` compile a GPU launch from
+    CPU or meta tensors."""
     if triton is None:
         raise RuntimeError("triton is not installed")
     _check(qt, key_planes, values)
@@ -446,6 +507,9 @@ def quant_attention_triton(qt: torch.Tensor, key_planes: list, values, scaling: 
     if not isinstance(values, (QuantTensor, TernaryTensor)):
         raise ValueError(f"unsupported value format {type(values).__name__}")
     dev = qt.device
+    on_gpu = qt.is_cuda if on_gpu is None else on_gpu
+    if sms is None and dev.type == "cuda":
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count
     dot_fp32 = (dtype or qt.dtype) == torch.float32
     d1 = k1.head_dim if k1 is not None else 0
     d2 = k2.head_dim if k2 is not None else 0
@@ -454,9 +518,10 @@ def quant_attention_triton(qt: torch.Tensor, key_planes: list, values, scaling: 
     if block_n is None:
         g = next(iter(groups)) if len(groups) == 1 else 0
         block_n = g if g in (16, 32, 64, 128) else 64
+    check_block("block_n", block_n, on_gpu)
     one_group = len(groups) == 1 and block_n in groups and block_n >= 16
     tiles = -(-t // block_n)
-    s = num_splits or _num_splits(dev, b * hk, tiles)
+    s = num_splits or _num_splits(sms if on_gpu else None, b * hk, tiles, splits_per_sm)
     s = max(1, min(s, tiles, MAX_SPLITS))
     chunk = -(-tiles // s) * block_n
     s = -(-t // chunk)                                                   # no empty split
@@ -489,22 +554,21 @@ def quant_attention_triton(qt: torch.Tensor, key_planes: list, values, scaling: 
     ternary = isinstance(values, TernaryTensor)
     v_bits = 2 if ternary else values.bits
     v_axis = 0 if ternary or values.axis == "channel" else 1
-    block_r = _pow2(rows)
-    _quant_decode_kernel[(b * hk, s)](
-        q, op, lp, k1c, k1s, k1z, k1n, k2c, k2s, vc, vs, vz, vn,
-        *k1cs, *k1ss, *k1ns, *k2cs, *k2ss, *vcs, *vss, *vns,
-        hk, t, rows, s, chunk, k1_group, k2_group, values.group,
-        D1=d1, D2=d2, DV=dv, HAS_K1=k1 is not None, HAS_K2=k2 is not None, K1_BITS=k1_bits, K1_AXIS=k1_axis,
-        V_TERNARY=ternary, V_BITS=v_bits, V_AXIS=v_axis,
-        K1_S8=k1 is not None and k1.stats == 8, K2_S8=k2 is not None and k2.scale.dtype == torch.uint8,
-        V_S8=values.scale.dtype == torch.uint8, ONE_GROUP=one_group, BLOCK_R=block_r, BLOCK_N=block_n,
-        BLOCK_D1=_pow2(max(d1, 1)), BLOCK_D2=_pow2(max(d2, 1)), BLOCK_DV=_pow2(dv), DOT_F32=bool(dot_fp32),
-        num_warps=num_warps)
+    main = (_quant_decode_kernel, (b * hk, s),
+            (q, op, lp, k1c, k1s, k1z, k1n, k2c, k2s, vc, vs, vz, vn,
+             *k1cs, *k1ss, *k1ns, *k2cs, *k2ss, *vcs, *vss, *vns,
+             hk, t, rows, s, chunk, k1_group, k2_group, values.group),
+            dict(D1=d1, D2=d2, DV=dv, HAS_K1=k1 is not None, HAS_K2=k2 is not None, K1_BITS=k1_bits,
+                 K1_AXIS=k1_axis, V_TERNARY=ternary, V_BITS=v_bits, V_AXIS=v_axis,
+                 K1_S8=k1 is not None and k1.stats == 8, K2_S8=k2 is not None and k2.scale.dtype == torch.uint8,
+                 V_S8=values.scale.dtype == torch.uint8, ONE_GROUP=one_group, BLOCK_R=_pow2(rows),
+                 BLOCK_N=block_n, BLOCK_D1=_pow2(max(d1, 1)), BLOCK_D2=_pow2(max(d2, 1)), BLOCK_DV=_pow2(dv),
+                 DOT_F32=bool(dot_fp32), num_warps=num_warps))
     out = torch.empty(b * hk * rows, dv, device=dev, dtype=torch.float32)
     lse = torch.empty(b * hk * rows, device=dev, dtype=torch.float32)
-    _reduce_kernel[(b * hk * rows,)](op, lp, out, lse, rows, s, DV=dv, BLOCK_S=_pow2(s, 2),
-                                     BLOCK_DV=_pow2(dv), num_warps=1 if dv <= 64 else 2)
-    return out.view(b, hq, lq, dv), lse.view(b, hq, lq)
+    reduce = (_reduce_kernel, (b * hk * rows,), (op, lp, out, lse, rows, s),
+              dict(DV=dv, BLOCK_S=_pow2(s, 2), BLOCK_DV=_pow2(dv), num_warps=1 if dv <= 64 else 2))
+    return out.view(b, hq, lq, dv), lse.view(b, hq, lq), [main, reduce]
 
 
 # ----------------------------------------------------------------------------- dispatch

@@ -361,7 +361,8 @@ class ZipVL(PrefillPolicy):
         sel = rpos[entries].to(a.device)
         p = adaptive_budget(a[sel], self.tau, self.ratio)
         keep = entries[select_important(a[sel], nnz[sel], p).to(entries.device)]
-        self._store(layer, keep, entries)
+        with layer.quantizing():
+            self._store(layer, keep, entries)
         return p, int(entries.numel())
 
     def _store(self, layer, keep: torch.Tensor, entries: torch.Tensor) -> None:
