@@ -3,6 +3,7 @@ resuming, and the paired bootstrap interval."""
 import json
 
 import numpy as np
+import torch
 import pytest
 
 from mmkv.bench.stats import interval, paired_interval
@@ -68,3 +69,21 @@ def test_needle_json_has_the_contract(tmp_path, tiny_dir):
     res = json.load(open(out))
     assert len(res) == 2 and all(KEYS <= set(r) for r in res) and res[0]["task"] == "needle"
     assert res[0]["protocol"] == "encode" and res[1]["n"] == 3
+
+
+def test_visual_cache_gives_the_same_encodings(tiny_dir):
+    """encode(visual_cache=...) reuses the vision tower's output across recipes: every recipe's
+    answer and kept tokens equal those of a fresh encode."""
+    import mmkv
+    from conftest import frames_for
+
+    base = mmkv.load(tiny_dir["qwen2_vl"], chunk_frames=4)
+    video = frames_for("qwen2_vl", n=12, seed=9)
+    shared: dict = {}
+    for spec in ["none", "pvc:ratio=0.5", "evs:0.25+kivi:2", "random:0.5"]:
+        pipe = base.with_recipe(spec)
+        a = pipe.encode(video, visual_cache=shared)
+        b = pipe.encode(video)
+        assert torch.equal(a.visual.index, b.visual.index) and torch.equal(a.visual.embeds, b.visual.embeds)
+        assert pipe.ask(a, "What?", max_new_tokens=4).tokens == pipe.ask(b, "What?", max_new_tokens=4).tokens
+    assert len(shared) == 3                                          # 12 frames in chunks of 4

@@ -102,13 +102,15 @@ def _record(row, res, adapter) -> dict:
             "prefill_s": s.prefill_s, "decode_s": s.decode_s, "new_tokens": s.new_tokens}
 
 
-def run_video(pipe, rows: list[dict], frames, protocol: str) -> dict:
-    """The three questions of one video under `protocol`; returns the video's record."""
+def run_video(pipe, rows: list[dict], frames, protocol: str, visual_cache: dict | None = None) -> dict:
+    """The three questions of one video under `protocol`; returns the video's record. The vision
+    tower's output is shared through `visual_cache` by every recipe run on the video (its time is
+    then reported once, by the first recipe)."""
     from ..io import load_media
 
     media = load_media(frames, video_fps=FPS)
     t0 = time.perf_counter()
-    enc = pipe.encode(media)
+    enc = pipe.encode(media, visual_cache=visual_cache)
     encode_s = enc.stats.encode_s
     prefix_prefill = enc.stats.prefill_s
     out = []
@@ -186,8 +188,9 @@ def run(model: str, recipes: list[tuple[str, str]], videos: list[list[dict]], da
                 print(f"\ntime limit: stopped before video {i + 1}/{len(videos)}", flush=True)
                 break
             frames_arr = load_media(os.path.join(data_dir, f"{rows[0]['videoID']}.mp4"), frames=frames).frames()
+            visual: dict = {}
             for spec in todo:
-                rec = run_video(pipes[spec], rows, frames_arr, protocol)
+                rec = run_video(pipes[spec], rows, frames_arr, protocol, visual)
                 rec.update(recipe=spec, protocol=protocol, frames=frames, model=model)
                 done[(spec, rec["videoID"])] = rec
                 log.write(json.dumps(rec) + "\n")
