@@ -24,6 +24,7 @@ from ..stages import check, register
 from .base import KVPress
 from .core import QuantSegment
 from .quant import quantize
+from .storage import own
 
 
 @register
@@ -56,7 +57,9 @@ class KIVI(KVPress):
         n = (layer.residual_len - self.residual) // self.group * self.group
         if n <= 0:
             return
-        k, v, pos = layer.keys[:, :, :n], layer.values[:, :, :n], layer.pos[:, :n]
+        # slices of the window: the codes are new tensors, the positions are copied (a kept view
+        # would keep the whole window alive); set_residual copies the new window likewise
+        k, v, pos = layer.keys[:, :, :n], layer.values[:, :, :n], own(layer.pos[:, :n])
         label = f"int{self.bits}"
         last = layer.segments[-1] if layer.segments and layer.segments[-1].label == label else None
         anchor = last.keys.anchor if last is not None else None  # groups added later join its segment

@@ -36,7 +36,7 @@ head_dim 128, groups of 32 (s = bits per statistic, 16 or 8):
 With fp16 statistics: keys 2.25, values 2.125, 2.19 bits per element overall (~7.3x smaller than
 fp16), 2.28 with STP at 0.2; the paper's "1.5 / 1.58 bits" count code bits only. With 8-bit
 statistics (default): keys 1.875, values 1.875, 1.88 bits (8.5x), 1.94 with STP (8.2x), plus a
-per-layer channel permutation ([H, D] uint8).
+per-layer channel permutation ([H, D] uint8, shared by the layer's segments and counted once).
 
 Deviations from the official code (KD-TAO/VidKV @0e55c39, `cache_utils.QuantizedCacheVLM*`,
 `vidkv_quant.py`), and why:
@@ -80,6 +80,7 @@ from ..stages import check, register
 from .base import SEPARATOR, VISUAL, KVPress
 from .lowbit import SignTensor, TernaryTensor, sign_quantize, ternary_quantize
 from .quant import QuantTensor, quantize
+from .storage import data_tensors, distinct_nbytes
 
 
 # ----------------------------------------------------------------------------- FFT helpers
@@ -181,13 +182,12 @@ class VidKVKeys:
     def transform_query(self, query: torch.Tensor) -> torch.Tensor:
         """query [B, Hq, Lq, D] -> [B, Hq, Lq, D] fp32 in the stored key coordinates, so that
         transform_query(q) . [hi codes dequantized | lo spectrum dequantized] == q . dequantize().
-        Computed once per step; the keys are never inverse-transformed."""
+        Computed once per step; the keys are never inverse-transformed. Nothing is cached on the
+        keys (an expanded [Hq, D] int64 index kept here would be held but not counted)."""
         b, hq, lq, d = query.shape
-        g = hq // self.perm.shape[0]
-        cached = self.__dict__.get("_qperm")
-        if cached is None or cached.shape[0] != hq:
-            cached = self.__dict__["_qperm"] = self.perm.long().repeat_interleave(g, 0)  # [Hq, D]
-        qp = query.float().gather(-1, cached[None, :, None, :].expand(b, hq, lq, d))  # [B, Hq, Lq, D] perm order
+        hk = self.perm.shape[0]
+        idx = self.perm.long()[None, :, None, None, :].expand(b, hk, hq // hk, lq, d)  # query head h reads h // G
+        qp = query.float().reshape(b, hk, hq // hk, lq, d).gather(-1, idx).view(b, hq, lq, d)  # perm order
         n_hi = self.n_hi
         if self.lo is None:
             return qp
@@ -422,7 +422,7 @@ class VidKV(KVPress):
             layer.on_update = self.flush
         if ctx is not None:
             segs = [s for layer in cache.layers for s in layer.segments if isinstance(s, VidKVSegment)]
-            nbytes = sum(s.nbytes for s in segs)
+            nbytes = distinct_nbytes(data_tensors(segs))  # the layer's permutation once, not per segment
             elems = sum(2 * math.prod(s.values.shape) for s in segs)
             if elems:  # nothing quantized (a prompt within the window): no bits to report
                 ctx.stats["vidkv_bits_per_element"] = 8 * nbytes / elems
