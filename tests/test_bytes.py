@@ -112,3 +112,44 @@ def test_distinct_nbytes_and_own():
     assert own(tail).untyped_storage().nbytes() == tail.nbytes and torch.equal(own(tail), tail)
     assert own(x) is x
     assert storage_nbytes([tail, x]) == x.nbytes
+
+
+# ----------------------------------------------------------------------------- one baseline
+def model_cache_bytes(pipe, tokens: int) -> int:
+    a = pipe.adapter
+    return tokens * a.num_layers * 2 * a.num_kv_heads * a.head_dim * a.dtype.itemsize
+
+
+@pytest.mark.parametrize("dtype,bits", [("fp32", 32), ("bf16", 16)])
+def test_baseline_is_the_models_own_cache_of_the_prompt_before_vision_presses(tiny_dir, video, dtype, bits):
+    plain = mmkv.load(tiny_dir[FAM], dtype=dtype)
+    none = plain.generate(video, QUESTION, max_new_tokens=3).stats
+    full = none.prompt_tokens
+    assert none.kv_dtype == str(plain.adapter.dtype).replace("torch.", "")
+    assert none.kv_bytes == none.kv_bytes_uncompressed == none.kv_bytes_after_vision == model_cache_bytes(plain, full)
+    assert (none.kv_ratio, none.kv_ratio_vision, none.kv_ratio_kv, none.bits_per_element) == (1.0, 1.0, 1.0, bits)
+    s = plain.with_recipe("evs:0.5+kivi:bits=2,group=8,residual=8").generate(video, QUESTION, max_new_tokens=3).stats
+    assert s.prompt_tokens < full
+    assert s.kv_bytes_uncompressed == none.kv_bytes_uncompressed         # the prompt before the vision press
+    assert s.kv_bytes_after_vision == model_cache_bytes(plain, s.prompt_tokens)
+    assert s.kv_ratio_vision == s.prompt_tokens / full
+    assert s.kv_ratio == pytest.approx(s.kv_ratio_vision * s.kv_ratio_kv) and s.kv_ratio == s.kv_bytes / s.kv_bytes_uncompressed
+    assert s.bits_per_element == pytest.approx(8 * s.kv_bytes / (s.kv_bytes_after_vision / plain.adapter.dtype.itemsize))
+    d = s.to_dict()
+    assert (d["kv_ratio"], d["kv_ratio_vision"], d["kv_ratio_kv"]) == (s.kv_ratio, s.kv_ratio_vision, s.kv_ratio_kv)
+    table = s.table()
+    assert f"uncompressed {s.kv_dtype}" in table and "fp16" not in table and "vision x KV presses" in table
+
+
+# the README's and the presets' compressing recipes, at their defaults
+COMPRESSING = ["kivi:2", "kivi:4", "vidkv", "vidkv:stp=0", "pvc:ratio=0.25+lookm+vidkv", "lookm+kivi:2",
+               "elastic+kivi:2", "zipvl", "balanced", "extreme", "streaming:recent=32,decode=false+vidkv", "lookm"]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_compression_never_stores_more_than_the_uncompressed_cache(tiny_dir, video, dtype):
+    base = mmkv.load(tiny_dir[FAM], dtype=dtype)
+    for recipe in COMPRESSING:
+        s = base.with_recipe(recipe).generate(video, QUESTION, max_new_tokens=3).stats
+        assert s.kv_bytes <= s.kv_bytes_after_vision <= s.kv_bytes_uncompressed, recipe
+        assert s.kv_ratio <= 1 and s.kv_ratio_kv <= 1 and s.bits_per_element <= s.kv_dtype_bits, recipe

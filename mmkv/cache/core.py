@@ -234,15 +234,6 @@ class CompressedCache(Cache):
         """Bytes of the position bookkeeping, apart from nbytes()."""
         return sum(layer.index_nbytes for layer in self.layers)
 
-    def fp16_bytes(self) -> int:
-        """Bytes an uncompressed fp16 cache of the same logical length would take."""
-        total = 0
-        for layer in self.layers:
-            if layer.is_initialized:
-                b, h, _, d = layer.keys.shape
-                total += 2 * b * h * layer.seen * d * 2
-        return total
-
     def storage_nbytes(self) -> int:
         """Bytes of every distinct storage the layers reference, whole (not the sizes of views):
         what the cache really keeps allocated. Equals nbytes() + index_nbytes()."""
