@@ -153,3 +153,52 @@ def test_compression_never_stores_more_than_the_uncompressed_cache(tiny_dir, vid
         s = base.with_recipe(recipe).generate(video, QUESTION, max_new_tokens=3).stats
         assert s.kv_bytes <= s.kv_bytes_after_vision <= s.kv_bytes_uncompressed, recipe
         assert s.kv_ratio <= 1 and s.kv_ratio_kv <= 1 and s.bits_per_element <= s.kv_dtype_bits, recipe
+
+
+# ----------------------------------------------------------------------------- sized windows
+def _layer_cache(n: int, d: int = 16, seed: int = 0) -> CompressedCache:
+    g = torch.Generator().manual_seed(seed)
+    cache = CompressedCache(1)
+    cache.update(torch.randn(1, 2, n, d, generator=g), torch.randn(1, 2, n, d, generator=g), 0)
+    return cache
+
+
+@pytest.mark.parametrize("press,name", [(KIVI(), "kivi"), (VidKV(stp=0), "vidkv")])
+def test_full_precision_window_is_sized_to_the_prompt(press, name):
+    """Defaults residual=128, residual_fraction=1/8, group=32: an eighth of a short prompt stays in
+    full precision, the paper's 128 entries from 1,024 on; the window keeps its size while decoding."""
+    from mmkv.cache.base import PressContext
+
+    for n, window in ((150, 18), (536, 67), (2048, 128)):
+        cache = _layer_cache(n)
+        ctx = PressContext(token_type=torch.zeros(n, dtype=torch.int8))
+        press.compress(cache, ctx)
+        layer = cache.layers[0]
+        quantized = (n - window) // 32 * 32
+        assert (ctx.stats[f"{name}_window"], ctx.stats[f"{name}_quantized_entries"]) == (window, quantized)
+        assert layer.residual_len == n - quantized and f"{name}_note" not in ctx.stats
+        for _ in range(40):
+            cache.update(torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16), 0)
+            assert window <= layer.residual_len < window + 32 + 1
+        check_storage(cache, f"{name} after decoding")
+
+
+@pytest.mark.parametrize("press,name", [(KIVI(), "kivi"), (VidKV(stp=0), "vidkv")])
+def test_stats_say_when_nothing_could_be_quantized(press, name):
+    from mmkv.cache.base import PressContext
+
+    cache = _layer_cache(24)
+    ctx = PressContext(token_type=torch.zeros(24, dtype=torch.int8))
+    press.compress(cache, ctx)
+    assert cache.layers[0].segments == [] and ctx.stats[f"{name}_quantized_entries"] == 0
+    assert "nothing quantized: 24 entries" in ctx.stats[f"{name}_note"]
+
+
+def test_default_quantizers_compress_short_real_prompts(tiny_dir, video):
+    """The tiny video's 150-entry prompt was within KIVI's fixed 128 + 32 entries: nothing was
+    quantized. With the sized window most of it is."""
+    base = mmkv.load(tiny_dir[FAM])
+    for recipe in ("kivi:2", "vidkv"):
+        s = base.with_recipe(recipe).generate(video, QUESTION, max_new_tokens=3).stats
+        assert s.extra[f"{recipe.split(':')[0]}_quantized_entries"] >= s.prompt_tokens // 2, recipe
+        assert s.bits_per_element < 12, recipe  # fp32 model: 32 bits uncompressed
