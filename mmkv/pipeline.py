@@ -32,7 +32,7 @@ from .errors import InputError, MmkvWarning
 from .io import Media, load_media
 from .models.base import Adapter, Prompt
 from .recipe import Recipe
-from .stats import Result, Stats, Timer, peak_memory
+from .stats import Result, Stats, Timer, peak_memory, uncompressed_kv_bytes
 from .vision.base import VisionContext, VisualTokens
 
 ProgressFn = Callable[[str, int, int], None]
@@ -379,7 +379,12 @@ class Pipeline:
             if not reuse and session is None:
                 encoded.consumed, encoded.cache = True, None
             stats.kv_len_per_layer = cache.lengths()
-            stats.kv_bytes, stats.kv_bytes_fp16 = cache.nbytes(), cache.fp16_bytes()
+            # the baseline: the model's own cache of the prompt before any vision press (stats.py)
+            full = len(token_type) + len(encoded.prefix.ids) - encoded.prefix_len   # + the pruned visual tokens
+            geom = (a.num_layers, a.num_kv_heads, a.head_dim, a.dtype)
+            stats.kv_bytes, stats.kv_dtype = cache.nbytes(), str(a.dtype).replace("torch.", "")
+            stats.kv_bytes_uncompressed = uncompressed_kv_bytes(full, *geom)
+            stats.kv_bytes_after_vision = uncompressed_kv_bytes(len(token_type), *geom)
             stats.kv_bytes_by_class, stats.kv_index_bytes = cache.bytes_by_class(), cache.index_nbytes()
             stats.prompt_tokens = len(token_type)
             with Timer(a.device) as t_dec:

@@ -1,8 +1,22 @@
 """Result and Stats: what one answer cost, every figure measured on the real run.
 
 Visual tokens before and after each vision stage, KV entries per layer, KV bytes stored (the sum
-of the real cache tensors) against the fp16 equivalent, encode / prefill / decode times, and
-peak memory (CUDA max allocated, or the process's resident set sampled during the call).
+of the real cache tensors) against one baseline, encode / prefill / decode times, and peak memory
+(CUDA max allocated, or the process's resident set sampled during the call).
+
+The KV baseline is the model's own uncompressed cache of the same prompt: its dtype, all its
+layers and KV heads, and the whole prompt BEFORE any vision press (video or image tokens as the
+encoder gives them, the text around them, the question and the chat template's tail).
+`kv_bytes` and both baselines are taken once the prompt is prefilled and compressed, before the
+answer: the answer's tokens count in neither (`extra["kv_bytes_final"]` is the stored bytes after
+the answer). So
+
+    kv_ratio = kv_bytes / kv_bytes_uncompressed = kv_ratio_vision * kv_ratio_kv
+
+with kv_ratio_vision = kv_bytes_after_vision / kv_bytes_uncompressed (what pruning visual tokens
+saves: the uncompressed cache of the prompt the LLM reads) and kv_ratio_kv = kv_bytes /
+kv_bytes_after_vision (what the KV presses save on it). The position bookkeeping of the
+compressed cache (int32 per entry and KV head) is `kv_index_bytes`, apart from `kv_bytes`.
 """
 from __future__ import annotations
 
@@ -24,8 +38,10 @@ class Stats:
     visual_tokens: list = field(default_factory=list)  # [(stage, before, after)]
     prompt_tokens: int = 0                              # LLM input tokens after vision compression
     kv_len_per_layer: list = field(default_factory=list)
-    kv_bytes: int = 0
-    kv_bytes_fp16: int = 0
+    kv_bytes: int = 0                   # stored K/V bytes (codes, scales, zeros, full-precision windows)
+    kv_bytes_uncompressed: int = 0      # the baseline: the model's own cache of the prompt before vision presses
+    kv_bytes_after_vision: int = 0      # the model's own cache of the prompt the LLM reads (after vision presses)
+    kv_dtype: str = ""                  # the model's KV dtype (the baseline's), e.g. "bfloat16"
     kv_bytes_by_class: dict = field(default_factory=dict)
     kv_index_bytes: int = 0
     encode_s: float = 0.0
@@ -47,12 +63,40 @@ class Stats:
 
     @property
     def kv_ratio(self) -> float:
-        return self.kv_bytes / self.kv_bytes_fp16 if self.kv_bytes_fp16 else float("nan")
+        """Stored bytes over the model's own uncompressed cache of the same prompt, vision pruning
+        included (see the module docstring)."""
+        return _ratio(self.kv_bytes, self.kv_bytes_uncompressed)
+
+    @property
+    def kv_ratio_vision(self) -> float:
+        """The vision presses' share: uncompressed cache of the pruned prompt / the baseline."""
+        return _ratio(self.kv_bytes_after_vision, self.kv_bytes_uncompressed)
+
+    @property
+    def kv_ratio_kv(self) -> float:
+        """The KV presses' share: stored bytes / uncompressed cache of the pruned prompt."""
+        return _ratio(self.kv_bytes, self.kv_bytes_after_vision)
+
+    @property
+    def kv_dtype_bits(self) -> int:
+        return 8 * getattr(torch, self.kv_dtype).itemsize if self.kv_dtype else 0
 
     @property
     def bits_per_element(self) -> float:
-        """Stored KV bits per element of the uncompressed cache (16 for fp16, ~3 for KIVI-2)."""
-        return 16.0 * self.kv_ratio
+        """Stored KV bits per element of the uncompressed cache of the prompt the LLM reads (after
+        the vision presses): the model's dtype bits (16 or 32) uncompressed, ~3 for KIVI-2 on long
+        prompts. Evictions lower it; vision pruning does not (it is kv_ratio_vision)."""
+        return self.kv_dtype_bits * self.kv_ratio_kv if self.kv_dtype_bits else float("nan")
+
+    @property
+    def kv_baseline(self) -> str:
+        """The baseline's name, for labels: "uncompressed bfloat16"."""
+        return f"uncompressed {self.kv_dtype}" if self.kv_dtype else "uncompressed"
+
+    @property
+    def kv_bytes_fp16(self) -> int:
+        """Deprecated name of `kv_bytes_uncompressed` (the baseline is the model's own dtype)."""
+        return self.kv_bytes_uncompressed
 
     @property
     def tokens_per_s(self) -> float:
@@ -61,7 +105,8 @@ class Stats:
     def to_dict(self) -> dict:
         d = asdict(self)
         d.update(visual_tokens_in=self.visual_tokens_in, visual_tokens_kept=self.visual_tokens_kept,
-                 kv_ratio=self.kv_ratio, bits_per_element=self.bits_per_element, tokens_per_s=self.tokens_per_s)
+                 kv_ratio=self.kv_ratio, kv_ratio_vision=self.kv_ratio_vision, kv_ratio_kv=self.kv_ratio_kv,
+                 bits_per_element=self.bits_per_element, tokens_per_s=self.tokens_per_s)
         return d
 
     def table(self) -> str:
@@ -76,9 +121,16 @@ class Stats:
             lens = self.kv_len_per_layer
             same = len(set(lens)) == 1
             rows.append(("KV entries per layer", lens[0] if same else f"{min(lens)}..{max(lens)} {lens}"))
-        rows.append(("KV bytes (stored / fp16)",
-                     f"{self.kv_bytes * mib:.3f} MiB / {self.kv_bytes_fp16 * mib:.3f} MiB "
-                     f"({100 * self.kv_ratio:.1f}%, {self.bits_per_element:.2f} bits/elem)"))
+        rows.append((f"KV bytes (stored / {self.kv_baseline})",
+                     f"{self.kv_bytes * mib:.3f} MiB / {self.kv_bytes_uncompressed * mib:.3f} MiB "
+                     f"({100 * self.kv_ratio:.1f}%)"))
+        if self.kv_bytes_after_vision != self.kv_bytes_uncompressed:
+            rows.append(("KV share: vision x KV presses", f"{100 * self.kv_ratio_vision:.1f}% x "
+                                                           f"{100 * self.kv_ratio_kv:.1f}%"))
+        rows.append(("KV bits per element", f"{self.bits_per_element:.2f} (of the prompt the LLM reads; "
+                                            f"{self.kv_baseline}: {self.kv_dtype_bits})"))
+        if self.kv_index_bytes:
+            rows.append(("KV position index", f"{self.kv_index_bytes * mib:.3f} MiB (not in the KV bytes)"))
         if len(self.kv_bytes_by_class) > 1:
             rows.append(("KV bytes by class", ", ".join(f"{k}: {v * mib:.3f} MiB"
                                                          for k, v in self.kv_bytes_by_class.items())))
@@ -90,6 +142,16 @@ class Stats:
             rows.append((k, _short(v)))
         w = max(len(str(k)) for k, _ in rows)
         return "\n".join(f"{str(k):<{w}}  {v}" for k, v in rows)
+
+
+def _ratio(a: int, b: int) -> float:
+    return a / b if b else float("nan")
+
+
+def uncompressed_kv_bytes(tokens: int, num_layers: int, num_kv_heads: int, head_dim: int, dtype) -> int:
+    """Bytes of a model's own KV cache over `tokens` tokens (batch 1): layers x (K, V) x KV heads x
+    head dim x the dtype's size."""
+    return tokens * num_layers * 2 * num_kv_heads * head_dim * dtype.itemsize
 
 
 def _short(v) -> str:

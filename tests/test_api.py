@@ -62,7 +62,7 @@ def test_result_and_stats_are_measured(pipes):
     s = res.stats
     assert s.visual_tokens == [("encoder", 48, 48)]
     assert s.prompt_tokens == s.kv_len_per_layer[0]
-    assert s.kv_bytes == s.kv_bytes_fp16 * 2  # fp32 model, nothing compressed
+    assert s.kv_bytes == s.kv_bytes_uncompressed and s.kv_ratio == 1.0  # nothing compressed
     assert s.encode_s > 0 and s.prefill_s > 0 and s.new_tokens == len(res.tokens)
     assert s.peak_memory_bytes > 0 and s.peak_memory_kind
     d = json.loads(res.to_json())

@@ -164,7 +164,7 @@ def _filled_cache(n_layers=2, b=1, h=2, t=150, d=16, seed=0):
 
 def test_kivi_bytes_match_stored_tensors():
     cache = _filled_cache(t=150, d=16)
-    press = KIVI(bits=2, group=32, residual=40)
+    press = KIVI(bits=2, group=32, residual=40, residual_fraction=1)  # the fixed window
     press.compress(cache, None)
     n_q = (150 - 40) // 32 * 32  # 96 quantized, 54 full precision
     for layer in cache.layers:
@@ -183,7 +183,7 @@ def test_kivi_bytes_match_stored_tensors():
 
 def test_kivi_flushes_whole_groups_while_decoding():
     cache = _filled_cache(n_layers=1, t=40, d=8)
-    press = KIVI(bits=4, group=8, residual=16)
+    press = KIVI(bits=4, group=8, residual=16, residual_fraction=1)
     press.compress(cache, None)
     layer = cache.layers[0]
     assert layer.residual_len == 16 + 0 and layer.segments[0].num_tokens == 24
@@ -199,7 +199,7 @@ def test_kivi_with_8bit_key_statistics():
     decode-time groups join the segment with its anchor; attention equals dense over the
     dequantized cache."""
     cache = _filled_cache(n_layers=1, t=150, d=16, seed=5)
-    KIVI(bits=2, group=32, residual=40, stats=8).compress(cache, None)
+    KIVI(bits=2, group=32, residual=40, residual_fraction=1, stats=8).compress(cache, None)
     layer = cache.layers[0]
     seg = layer.segments[0]
     n_q, h = 96, 2

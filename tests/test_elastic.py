@@ -194,7 +194,7 @@ def test_elastic_then_kivi_decode_never_touches_packed_entries():
     packed is ever evicted, entries [0, p) never change, the newest token stays, the budget holds."""
     n, ratio = 120, 0.2
     cache, ctx = _cache_and_ctx(n, d=16, layers=1)
-    el, kv = ElasticCache(ratio=ratio), KIVI(bits=2, group=8, residual=32)
+    el, kv = ElasticCache(ratio=ratio), KIVI(bits=2, group=8, residual=32, residual_fraction=1)
     el.compress(cache, ctx)
     kv.compress(cache, ctx)
     layer = cache.layers[0]

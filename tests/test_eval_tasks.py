@@ -41,7 +41,7 @@ class ScriptedPipe:
         q = next(k for k in self.responses if f"{k}\n" in prompt or f":{k}\n" in prompt)
         self.asked.append(q)
         stats = mmkv.Stats(frames=8, visual_tokens=[("vision", 100, 40)], prompt_tokens=60, kv_bytes=1000,
-                           kv_bytes_fp16=4000, encode_s=0.5, prefill_s=0.25, decode_s=0.125,
+                           kv_bytes_uncompressed=4000, encode_s=0.5, prefill_s=0.25, decode_s=0.125,
                            peak_memory_bytes=2**20, peak_memory_kind="test")
         return mmkv.Result(text=self.responses[q], stats=stats)
 

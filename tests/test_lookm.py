@@ -260,7 +260,7 @@ def test_lookm_then_kivi_quantizes_the_kept_entries_per_head():
     LOOKM(hh_ratio=0.2, recent_ratio=0.1).compress(cache, ctx)
     kept = [layer.positions().clone() for layer in cache.layers]
     assert cache.lengths() == [60, 60]
-    KIVI(bits=2, group=16, residual=20).compress(cache, ctx)
+    KIVI(bits=2, group=16, residual=20, residual_fraction=1).compress(cache, ctx)
     for layer, pos in zip(cache.layers, kept):
         assert layer.segments[0].num_tokens == 32 and layer.residual_len == 28
         assert torch.equal(layer.positions(), pos)                    # per-head positions survive packing

@@ -307,7 +307,7 @@ def test_attention_over_vidkv_layer_equals_dense_over_dequantized():
 
 def test_decode_flushes_whole_groups_with_the_layers_channels():
     cache = _filled(n_layers=1, t=60, d=16, seed=9)
-    press = VidKV(stp=0, group=8, residual=16)
+    press = VidKV(stp=0, group=8, residual=16, residual_fraction=1)  # the fixed window
     press.compress(cache, None)
     layer = cache.layers[0]
     perm = layer.segments[0].keys.perm
@@ -326,7 +326,7 @@ def test_decode_flushes_whole_groups_with_the_layers_channels():
 def test_short_layers_stay_full_precision_and_validation():
     cache = _filled(n_layers=1, t=20, d=16)
     ctx = PressContext(token_type=torch.zeros(20, dtype=torch.int8))
-    VidKV(stp=0, group=8, residual=16).compress(cache, ctx)
+    VidKV(stp=0, group=8, residual=16, residual_fraction=1).compress(cache, ctx)
     assert cache.layers[0].segments == [] and cache.layers[0].residual_len == 20
     # nothing quantized: no bits reported (not a misleading 0), and zero quantized entries
     assert "vidkv_bits_per_element" not in ctx.stats and ctx.stats["vidkv_quantized_entries"] == 0

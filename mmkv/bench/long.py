@@ -82,13 +82,6 @@ def skip_reason(pipe, protocol: str) -> str | None:
     return None
 
 
-def _uncompressed_bytes(stats, adapter) -> int:
-    """The model's own uncompressed cache of the same prompt: every token of the prompt before any
-    vision press, in the model's dtype."""
-    tokens = stats.prompt_tokens + stats.visual_tokens_in - stats.visual_tokens_kept
-    return 2 * adapter.num_layers * adapter.num_kv_heads * adapter.head_dim * tokens * adapter.dtype.itemsize
-
-
 def _stored_elements(stats, adapter) -> int:
     return 2 * sum(stats.kv_len_per_layer) * adapter.num_kv_heads * adapter.head_dim
 
@@ -98,7 +91,7 @@ def _record(row, res, adapter) -> dict:
     return {"question_id": row["question_id"], "turn": row["turn"], "kind": row["task_type"],
             "answer": row["answer"], "output": res.text, "correct": int(res.text.strip() == row["answer"]),
             "visual_in": s.visual_tokens_in, "visual_kept": s.visual_tokens_kept, "kv_bytes": s.kv_bytes,
-            "kv_bytes_uncompressed": _uncompressed_bytes(s, adapter), "stored_elements": _stored_elements(s, adapter),
+            "kv_bytes_uncompressed": s.kv_bytes_uncompressed, "stored_elements": _stored_elements(s, adapter),
             "prefill_s": s.prefill_s, "decode_s": s.decode_s, "new_tokens": s.new_tokens}
 
 

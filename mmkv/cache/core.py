@@ -11,7 +11,9 @@ Each `KVLayer` stores, for batch size B, KV heads H and head dim D:
 Layers may hold different numbers of entries; `get_seq_length()` is the logical length and
 `get_mask_sizes()` the stored one. Attention is order-free over the cache (every cached entry
 precedes the new queries; RoPE is already applied to keys), so a layer may keep its parts in any
-order. The byte count is the sum of the real stored tensors.
+order. The byte count is the sum of the real stored tensors, each distinct tensor once; every
+kept tensor owns its storage (a kept slice is copied, so no view keeps the buffer it came from
+alive): `storage_nbytes()` (the storages really referenced) equals `nbytes() + index_nbytes()`.
 
 Tensors are never modified in place: updates and presses build new tensors, so `clone()` is a
 cheap shallow snapshot (used to answer several questions from one encoded video).
@@ -28,6 +30,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .attend import causal_mask, merge_partials, partial_attention
 from .quant import NonFiniteError, QuantTensor
+from .storage import data_tensors, distinct_nbytes, own, storage_nbytes
 
 
 @dataclass
@@ -98,8 +101,9 @@ class KVLayer(CacheLayerMixin):
     # --- transformers layer API -------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.keys = key_states[:, :, :0]
-        self.values = value_states[:, :, :0]
+        b, h, _, d = key_states.shape
+        self.keys = key_states.new_empty(b, h, 0, d)  # not a view: it would keep key_states alive
+        self.values = value_states.new_empty(b, h, 0, value_states.shape[-1])
         self.pos = torch.zeros(key_states.shape[1], 0, dtype=torch.int32, device=key_states.device)
         self.is_initialized = True
 
@@ -151,24 +155,27 @@ class KVLayer(CacheLayerMixin):
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the stored K/V data: segment codes, scales and zeros, and the full-precision tail."""
+        """Bytes of the stored K/V data: segment codes, scales, zeros, anchors and permutations, and
+        the full-precision tail; a tensor shared by several segments counts once."""
         if not self.is_initialized:
             return 0
-        return self.keys.nbytes + self.values.nbytes + sum(s.nbytes for s in self.segments)
+        return distinct_nbytes([self.keys, self.values, *data_tensors(self.segments)])
 
     @property
     def index_nbytes(self) -> int:
         """Bytes of the position bookkeeping (int32 per stored entry and head)."""
         if not self.is_initialized:
             return 0
-        return self.pos.nbytes + sum(s.pos.nbytes for s in self.segments)
+        return distinct_nbytes([self.pos] + [s.pos for s in self.segments])
 
     def bytes_by_class(self) -> dict[str, int]:
+        """nbytes split by precision class (a shared tensor counts in the first class holding it)."""
         out: dict[str, int] = {}
+        seen: set = set()
         if self.is_initialized:
-            out[f"{str(self.keys.dtype).replace('torch.', '')} window"] = self.keys.nbytes + self.values.nbytes
+            out[f"{str(self.keys.dtype).replace('torch.', '')} window"] = distinct_nbytes([self.keys, self.values], seen)
         for s in self.segments:
-            out[s.label] = out.get(s.label, 0) + s.nbytes
+            out[s.label] = out.get(s.label, 0) + distinct_nbytes(data_tensors(s), seen)
         return out
 
     def positions(self) -> torch.Tensor:
@@ -181,7 +188,7 @@ class KVLayer(CacheLayerMixin):
         if values.shape[:3] != (b, h, n) or pos.shape != (h, n):
             raise ValueError(f"inconsistent shapes: keys {tuple(keys.shape)}, values {tuple(values.shape)}, "
                              f"pos {tuple(pos.shape)}")
-        self.keys, self.values, self.pos = keys, values, pos.to(torch.int32)
+        self.keys, self.values, self.pos = own(keys), own(values), own(pos.to(torch.int32))
 
     def select(self, idx: torch.Tensor) -> None:
         """Keep the full-precision entries `idx` ([H, k] per head or [k] shared), in the given order."""
@@ -240,16 +247,13 @@ class CompressedCache(Cache):
         return sum(layer.nbytes for layer in self.layers)
 
     def index_nbytes(self) -> int:
+        """Bytes of the position bookkeeping, apart from nbytes()."""
         return sum(layer.index_nbytes for layer in self.layers)
 
-    def fp16_bytes(self) -> int:
-        """Bytes an uncompressed fp16 cache of the same logical length would take."""
-        total = 0
-        for layer in self.layers:
-            if layer.is_initialized:
-                b, h, _, d = layer.keys.shape
-                total += 2 * b * h * layer.seen * d * 2
-        return total
+    def storage_nbytes(self) -> int:
+        """Bytes of every distinct storage the layers reference, whole (not the sizes of views):
+        what the cache really keeps allocated. Equals nbytes() + index_nbytes()."""
+        return storage_nbytes(self.layers)
 
     def bytes_by_class(self) -> dict[str, int]:
         out: dict[str, int] = {}

@@ -5,7 +5,17 @@ channel), values per token (over `group` consecutive channels of each token); th
 recent tokens stay in full precision. During decoding, once the full-precision window holds
 `residual + group` tokens, its oldest whole groups are quantized and appended to the packed part.
 
-Defaults (the paper's): bits=2, group=32, residual=128, stats=16. Storage per element: `bits` for
+Window sized to the prompt: each layer's window is w = min(residual, floor(residual_fraction * n)),
+n the full-precision entries the layer holds when the press compresses it (the prompt, or what
+earlier presses kept), and stays w while decoding. With the defaults that is the paper's 128 from
+1,024 entries on and an eighth of the prompt below (67 of 536 entries). A fixed 128-token window
+quantizes nothing in a prompt under residual + group = 160 entries and most of nothing in short
+ones; `residual_fraction=1` restores it. The stats say the window used (`kivi_window`, layer 0),
+the entries quantized (`kivi_quantized_entries`, layer 0) and, when nothing could be quantized,
+why (`kivi_note`).
+
+Defaults (the paper's, except residual_fraction): bits=2, group=32, residual=128,
+residual_fraction=0.125, stats=16. Storage per element: `bits` for
 the code plus an fp16 scale and zero per group (32 / group bits): 3 bits at the defaults.
 `stats=8` (1- and 2-bit only) stores the keys' per-channel scales and zeros in a byte each
 (`quant.py`'s 8-bit statistics, as VidKV's default): keys 2.5 bits, 2.75 bits per element overall
@@ -17,6 +27,7 @@ smaller than `group`, values use one group per token.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -24,6 +35,7 @@ from ..stages import check, register
 from .base import KVPress
 from .core import QuantSegment
 from .quant import quantize
+from .storage import own
 
 
 @register
@@ -38,6 +50,7 @@ class KIVI(KVPress):
     bits: int = 2
     group: int = 32
     residual: int = 128
+    residual_fraction: float = 0.125
     stats: int = 16
 
     def validate(self):
@@ -46,17 +59,22 @@ class KIVI(KVPress):
         check(self.stats == 16 or self.bits <= 2, f"kivi: stats=8 is for 1- and 2-bit codes, got bits={self.bits}")
         check(self.group >= 1, f"kivi: group must be >= 1, got {self.group}")
         check(self.residual >= 0, f"kivi: residual must be >= 0, got {self.residual}")
+        check(0 <= self.residual_fraction <= 1, f"kivi: residual_fraction must be in [0, 1], got {self.residual_fraction}")
 
     def value_group(self, head_dim: int) -> int:
         g = min(self.group, head_dim)
         return g if head_dim % g == 0 else head_dim
 
-    def flush(self, layer) -> None:
-        """Quantize the oldest whole groups of the full-precision window beyond `residual`."""
-        n = (layer.residual_len - self.residual) // self.group * self.group
+    def flush(self, layer, window: int | None = None) -> None:
+        """Quantize the oldest whole groups of the full-precision window beyond `window` entries
+        (default `residual`; the press passes each layer's sized window)."""
+        w = self.residual if window is None else window
+        n = (layer.residual_len - w) // self.group * self.group
         if n <= 0:
             return
-        k, v, pos = layer.keys[:, :, :n], layer.values[:, :, :n], layer.pos[:, :n]
+        # slices of the window: the codes are new tensors, the positions are copied (a kept view
+        # would keep the whole window alive); set_residual copies the new window likewise
+        k, v, pos = layer.keys[:, :, :n], layer.values[:, :, :n], own(layer.pos[:, :n])
         label = f"int{self.bits}"
         last = layer.segments[-1] if layer.segments and layer.segments[-1].label == label else None
         anchor = last.keys.anchor if last is not None else None  # groups added later join its segment
@@ -70,7 +88,28 @@ class KIVI(KVPress):
         layer.set_residual(layer.keys[:, :, n:], layer.values[:, :, n:], layer.pos[:, n:])
 
     def compress(self, cache, ctx) -> None:
+        windows = []
         for layer in cache.layers:
+            w = recent_window(self.residual, self.residual_fraction, layer.residual_len)
             with layer.quantizing():
-                self.flush(layer)
-            layer.on_update = self.flush
+                self.flush(layer, w)
+            layer.on_update = functools.partial(self.flush, window=w)
+            windows.append(w)
+        if ctx is not None and cache.layers:
+            record_window(ctx.stats, self.name, cache, windows, self.group)
+
+
+def recent_window(residual: int, fraction: float, n: int) -> int:
+    """The full-precision window of a layer holding n entries: min(residual, floor(fraction * n))."""
+    return min(residual, int(fraction * n))
+
+
+def record_window(stats: dict, name: str, cache, windows: list[int], group: int) -> None:
+    """{name}_window and {name}_quantized_entries (layer 0) and, when no layer quantized anything,
+    {name}_note saying why."""
+    first = cache.layers[0]
+    stats[f"{name}_window"] = windows[0]
+    stats[f"{name}_quantized_entries"] = sum(s.num_tokens for s in first.segments)
+    if not any(layer.segments for layer in cache.layers):
+        stats[f"{name}_note"] = (f"nothing quantized: {first.residual_len} entries per layer (layer 0), fewer "
+                                 f"than its {windows[0]}-entry full-precision window plus one group of {group}")

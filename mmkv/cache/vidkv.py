@@ -18,10 +18,14 @@ Semantic token protection (STP, `stp` = 0.2): the visual tokens most similar to 
   fraction of visual patch tokens) keep 2-bit min-max values (keys as all the others), giving the
   paper's "1.66-bit" values. They are stored as a separate segment (attention is order-free over
   the cache), so both parts keep whole groups of `group` tokens.
-Residual: the `residual` most recent tokens stay in full precision (the model's dtype).
+Residual: the `residual` most recent tokens stay in full precision (the model's dtype), at most
+`residual_fraction` of the entries a layer holds when it is compressed (as in `kivi`: the paper's
+128 from 1,024 entries on, an eighth of shorter prompts; `residual_fraction=1` keeps the fixed
+window, which quantizes nothing in prompts under 160 entries). The stats give the window
+(`vidkv_window`), the entries quantized and, when nothing could be, why (`vidkv_note`).
 
-Defaults (the paper's, except `stats`): key_bits=1.5, value_bits=1.58, stp=0.2, group=32,
-residual=128, channels="layer" (one channel ranking per layer, shared by its KV heads, as in the
+Defaults (the paper's, except `stats` and `residual_fraction`): key_bits=1.5, value_bits=1.58,
+stp=0.2, group=32, residual=128, residual_fraction=0.125, channels="layer" (one channel ranking per layer, shared by its KV heads, as in the
 official code; channels="head" ranks per KV head at no extra cost, see docs/vidkv.md for the
 measured effect), stats=8 (each per-group scale and zero in one byte; 16 = fp16, the paper's).
 
@@ -36,7 +40,7 @@ head_dim 128, groups of 32 (s = bits per statistic, 16 or 8):
 With fp16 statistics: keys 2.25, values 2.125, 2.19 bits per element overall (~7.3x smaller than
 fp16), 2.28 with STP at 0.2; the paper's "1.5 / 1.58 bits" count code bits only. With 8-bit
 statistics (default): keys 1.875, values 1.875, 1.88 bits (8.5x), 1.94 with STP (8.2x), plus a
-per-layer channel permutation ([H, D] uint8).
+per-layer channel permutation ([H, D] uint8, shared by the layer's segments and counted once).
 
 Deviations from the official code (KD-TAO/VidKV @0e55c39, `cache_utils.QuantizedCacheVLM*`,
 `vidkv_quant.py`), and why:
@@ -70,6 +74,7 @@ Deviations from the official code (KD-TAO/VidKV @0e55c39, `cache_utils.Quantized
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import ClassVar, Iterator
@@ -78,8 +83,10 @@ import torch
 
 from ..stages import check, register
 from .base import SEPARATOR, VISUAL, KVPress
+from .kivi import record_window, recent_window
 from .lowbit import SignTensor, TernaryTensor, sign_quantize, ternary_quantize
 from .quant import QuantTensor, quantize
+from .storage import data_tensors, distinct_nbytes
 
 
 # ----------------------------------------------------------------------------- FFT helpers
@@ -181,13 +188,12 @@ class VidKVKeys:
     def transform_query(self, query: torch.Tensor) -> torch.Tensor:
         """query [B, Hq, Lq, D] -> [B, Hq, Lq, D] fp32 in the stored key coordinates, so that
         transform_query(q) . [hi codes dequantized | lo spectrum dequantized] == q . dequantize().
-        Computed once per step; the keys are never inverse-transformed."""
+        Computed once per step; the keys are never inverse-transformed. Nothing is cached on the
+        keys (an expanded [Hq, D] int64 index kept here would be held but not counted)."""
         b, hq, lq, d = query.shape
-        g = hq // self.perm.shape[0]
-        cached = self.__dict__.get("_qperm")
-        if cached is None or cached.shape[0] != hq:
-            cached = self.__dict__["_qperm"] = self.perm.long().repeat_interleave(g, 0)  # [Hq, D]
-        qp = query.float().gather(-1, cached[None, :, None, :].expand(b, hq, lq, d))  # [B, Hq, Lq, D] perm order
+        hk = self.perm.shape[0]
+        idx = self.perm.long()[None, :, None, None, :].expand(b, hk, hq // hk, lq, d)  # query head h reads h // G
+        qp = query.float().reshape(b, hk, hq // hk, lq, d).gather(-1, idx).view(b, hq, lq, d)  # perm order
         n_hi = self.n_hi
         if self.lo is None:
             return qp
@@ -279,6 +285,7 @@ class VidKV(KVPress):
     stp: float = 0.2
     group: int = 32
     residual: int = 128
+    residual_fraction: float = 0.125
     channels: str = "layer"
     stats: int = 8
 
@@ -288,6 +295,7 @@ class VidKV(KVPress):
         check(0.0 <= self.stp < 1.0, f"vidkv: stp must be in [0, 1), got {self.stp}")
         check(self.group >= 1, f"vidkv: group must be >= 1, got {self.group}")
         check(self.residual >= 0, f"vidkv: residual must be >= 0, got {self.residual}")
+        check(0 <= self.residual_fraction <= 1, f"vidkv: residual_fraction must be in [0, 1], got {self.residual_fraction}")
         check(self.channels in ("layer", "head"), f"vidkv: channels must be 'layer' or 'head', got {self.channels!r}")
         check(self.stats in (8, 16), f"vidkv: stats must be 8 or 16 (bits per scale / zero), got {self.stats}")
 
@@ -381,12 +389,12 @@ class VidKV(KVPress):
         layer.segments = [s.cat(seg) if s is prev else s for s in layer.segments] if prev is not None \
             else [*layer.segments, seg]
 
-    def quantize_layer(self, layer, sal=None) -> None:
-        """Quantize the window entries beyond the last `residual` in whole groups: protected
-        (salient) entries get 2-bit values, the others ternary; a partial group stays."""
+    def quantize_layer(self, layer, sal=None, window: int | None = None) -> None:
+        """Quantize the window entries beyond the last `window` (default `residual`) in whole
+        groups: protected (salient) entries get 2-bit values, the others ternary; a partial group stays."""
         g = self.group
         n = layer.residual_len
-        m = n - self.residual
+        m = n - (self.residual if window is None else window)
         if m < g:
             return
         dev = layer.keys.device
@@ -407,23 +415,29 @@ class VidKV(KVPress):
         rest = torch.cat([left, torch.arange(m, n, device=dev).expand(h, n - m)], 1)
         layer.set_residual(_take(K, rest), _take(V, rest), P.gather(1, rest))
 
-    def flush(self, layer) -> None:
+    def flush(self, layer, window: int | None = None) -> None:
         """Decode-time hook (before each append): quantize the oldest whole groups of the window
-        beyond `residual`; they join the non-protected segment with the layer's channel ranking."""
-        if layer.residual_len - self.residual >= self.group:
-            self.quantize_layer(layer, None)
+        beyond `window` (the layer's sized window; default `residual`); they join the
+        non-protected segment with the layer's channel ranking."""
+        w = self.residual if window is None else window
+        if layer.residual_len - w >= self.group:
+            self.quantize_layer(layer, None, w)
 
     def compress(self, cache, ctx) -> None:
         sal = self.salience(ctx)
+        windows = []
         for layer in cache.layers:
+            w = recent_window(self.residual, self.residual_fraction, layer.residual_len)
+            windows.append(w)
             if not layer.is_initialized:
                 continue
             with layer.quantizing():
-                self.quantize_layer(layer, sal)
-            layer.on_update = self.flush
-        if ctx is not None:
+                self.quantize_layer(layer, sal, w)
+            layer.on_update = functools.partial(self.flush, window=w)
+        if ctx is not None and cache.layers:
+            record_window(ctx.stats, self.name, cache, windows, self.group)
             segs = [s for layer in cache.layers for s in layer.segments if isinstance(s, VidKVSegment)]
-            nbytes = sum(s.nbytes for s in segs)
+            nbytes = distinct_nbytes(data_tensors(segs))  # the layer's permutation once, not per segment
             elems = sum(2 * math.prod(s.values.shape) for s in segs)
             if elems:  # nothing quantized (a prompt within the window): no bits to report
                 ctx.stats["vidkv_bits_per_element"] = 8 * nbytes / elems
