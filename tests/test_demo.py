@@ -288,21 +288,12 @@ def test_stats_pictures(demo):
     assert "<script" not in layers_html(dataclasses.replace(s, extra={"<script>": [1.0, 2.0]}))
 
 
-class _Stats(mmkv.stats.Stats):
-    """Stats whose kv_ratio is set directly (the baseline it measures against is Stats' business)."""
-
-    ratio = 0.25
-
-    @property
-    def kv_ratio(self):
-        return self.ratio
-
-
 def test_kv_memory_is_shown_against_the_uncompressed_cache():
     """The KV figures use Stats.kv_ratio, labelled "of uncompressed", and nowhere say fp16."""
     from mmkv.demo.render import answered_text
 
-    s = _Stats(recipe="kivi:2", kv_bytes=1024, kv_bytes_fp16=999_999, prompt_tokens=10, kv_len_per_layer=[10, 10])
+    s = mmkv.stats.Stats(recipe="kivi:2", kv_bytes=1024, kv_bytes_uncompressed=4096, kv_bytes_after_vision=4096,
+                         prompt_tokens=10, kv_len_per_layer=[10, 10])
     mem = memory_html(s)
     assert "1.00 KiB (25.0% of uncompressed)" in mem and "4.00 KiB" in mem   # uncompressed = stored / kv_ratio
     res = mmkv.stats.Result(text="A", stats=s)

@@ -73,10 +73,9 @@ def tokens_html(stats, enc=None) -> str:
 
 
 def uncompressed_bytes(stats) -> float:
-    """The model's uncompressed KV cache for this prompt, as `Stats.kv_ratio` measures against
-    (stored bytes / kv_ratio); NaN when unknown."""
-    ratio = stats.kv_ratio
-    return stats.kv_bytes / ratio if ratio == ratio and ratio > 0 else float("nan")
+    """The model's own uncompressed KV cache of this prompt (`Stats.kv_bytes_uncompressed`, the
+    baseline `Stats.kv_ratio` is measured against); NaN when unknown."""
+    return float(stats.kv_bytes_uncompressed) if stats.kv_bytes_uncompressed else float("nan")
 
 
 def memory_html(stats) -> str:
@@ -197,10 +196,10 @@ def stats_rows(stats) -> list[list[str]]:
     rows.append(["new tokens", f"{stats.new_tokens}" + (f" ({tps:.1f} tokens/s)" if tps == tps else "")])
     rows.append([f"peak memory ({stats.peak_memory_kind or 'unknown'})", f"{stats.peak_memory_bytes * mib:.1f} MiB"])
     shown = {"recipe", "model", "device", "frames", "visual_tokens", "prompt_tokens", "kv_len_per_layer", "kv_bytes",
-             "kv_bytes_fp16", "kv_bytes_by_class", "kv_index_bytes", "encode_s", "prefill_s", "decode_s",
+             "kv_bytes_uncompressed", "kv_bytes_after_vision", "kv_dtype", "kv_bytes_by_class", "kv_index_bytes", "encode_s", "prefill_s", "decode_s",
              "new_tokens", "peak_memory_bytes", "peak_memory_kind", "extra"}
     for f in dataclasses.fields(stats):  # figures added to Stats later still show, labelled
-        if f.name not in shown and "fp16" not in f.name:
+        if f.name not in shown:
             rows.append([label(f.name), _value(getattr(stats, f.name))])
     for k, v in (stats.extra or {}).items():
         rows.append([label(k), _value(v)])

@@ -34,7 +34,7 @@ from ..errors import InputError, MmkvError
 
 IGNORED_CONFIG = ("data", "mmkv_version", "convention_note", "device", "dtype", "dataset_fingerprint",
                   "dataset_samples")
-STAT_FIELDS = ("frames", "visual_tokens_in", "visual_tokens_kept", "prompt_tokens", "kv_bytes", "kv_bytes_fp16",
+STAT_FIELDS = ("frames", "visual_tokens_in", "visual_tokens_kept", "prompt_tokens", "kv_bytes", "kv_bytes_uncompressed",
                "encode_s", "prefill_s", "decode_s", "new_tokens", "peak_memory_bytes", "peak_memory_kind")
 
 
