@@ -287,6 +287,27 @@ def test_evs_is_vllms_rule():
     assert EVS(keep=0.25).compress(img, VisionContext()) is img
 
 
+def vllm_retained(tokens_per_frame, num_frames, q):
+    """vLLM's compute_retained_tokens_count (vllm/multimodal/evs.py), as written there."""
+    total_tokens = tokens_per_frame * num_frames
+    return max(tokens_per_frame, int(total_tokens * (1 - q)))
+
+
+@pytest.mark.parametrize("keep,rate", [("0.1", "0.9"), ("0.2", "0.8"), ("0.25", "0.75"), ("0.07", "0.93"),
+                                       ("0.3", "0.7"), ("0.125", "0.875"), ("0.05", "0.95"), ("0.9", "0.1")])
+def test_evs_count_is_vllms_float_arithmetic(keep, rate):
+    """keep=K is `--video-pruning-rate 1-K`; the count is vLLM's int(total * (1 - q)) in floats,
+    one less than int(total * keep) where 1 - q rounds below keep (total 80, keep 0.1: 7)."""
+    from mmkv.vision.evs import evs_retained
+    for tpf in (1, 2, 4, 16):
+        for frames in range(1, 101):
+            assert evs_retained(tpf, tpf * frames, float(keep)) == vllm_retained(tpf, frames, float(rate))
+    if keep in ("0.1", "0.2"):
+        torch.manual_seed(9)
+        vt = video_tokens(torch.randn(20, 2, 2, 8))                   # 80 tokens, 4 per frame
+        assert EVS(keep=float(keep)).compress(vt, VisionContext()).num == {"0.1": 7, "0.2": 15}[keep]
+
+
 def test_pool_averages_blocks_at_the_top_left_position():
     torch.manual_seed(8)
     x = torch.randn(2, 3, 5, 4)                                      # odd grid: border blocks are smaller

@@ -36,7 +36,7 @@ Caps: `budget` tokens per slot (`first` for the first slot), or with `ratio` a f
 tokens over the whole video: slot t may keep ceil(ratio x S_t) - ceil(ratio x S_(t-1)) tokens,
 S_t the patch tokens of slots 0..t (the rounding remainder carries over, so the video keeps at
 most ceil(ratio x its tokens) however small the grid; the first slot is included unless `first`
-is given). Stats: `pvc_dropped_tokens`, `pvc_kept_fraction` (kept / seen patch tokens).
+is given). Stats: `pvc_seen_tokens`, `pvc_dropped_tokens`, `pvc_kept_fraction` (kept / seen).
 
 Defaults: budget=64 tokens per slot (the paper's 64 per frame); first=4*budget (PVC spends 4 x 64
 tokens on a static image: the first slot of a video is the picture before anything changes);
@@ -170,8 +170,8 @@ class PVC(VisionPress):
         if state.passthrough or state.sums is None:
             return tokens
         ctx.stats["pvc_dropped_tokens"] = ctx.stats.get("pvc_dropped_tokens", 0) + state.dropped
-        seen = ctx.stats.get("_pvc_seen", 0) + state.seen
-        ctx.stats["_pvc_seen"] = seen
+        seen = ctx.stats.get("pvc_seen_tokens", 0) + state.seen
+        ctx.stats["pvc_seen_tokens"] = seen
         ctx.stats["pvc_kept_fraction"] = 1.0 - ctx.stats["pvc_dropped_tokens"] / max(seen, 1)
         if not self.merge:
             return tokens
