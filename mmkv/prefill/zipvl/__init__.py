@@ -14,7 +14,8 @@ Per decoder layer, during prefill (keys after RoPE):
 4. important set T (Eq. 7-8): the top-p keys by the normalized score a_j / nnz_j, nnz_j = the
    number of probes allowed to see key j (probes at or after j);
 5. token-sparse attention: O_T = Attention(Q[T], K[T], V[T]), causal within the subset by original
-   position (`mmkv.kernels.sparse_prefill`: Triton on CUDA, gather + SDPA elsewhere);
+   position (`mmkv.kernels.sparse_prefill`: Triton on CUDA, gather + SDPA elsewhere), unless p / n
+   is above the break-even `dense_above`, where the layer attends densely (sparse would be slower);
 6. KV (when the pipeline compresses, `press_ctx.compress`): T's keys and values at `bits_high`, the
    rest at `bits_low` (paper v1, kv="mixed"), or the rest evicted (paper v2, kv="evict");
 7. decoding: every `every` generated tokens, the attention of those tokens' queries over all keys
@@ -31,6 +32,11 @@ Choices where the paper is silent, and deviations (each also in docs/zipvl.md):
   on the trained bundled model it took the needle benchmark from 97% to 50% at tau=0.975 (the
   question's own tokens, which must read the video, are mostly outside T), while "keys" kept 97%
   (`mmkv bench quality`, BENCHMARKS.md).
+- Break-even (not in the paper): a layer whose kept ratio is above `dense_above` attends densely.
+  Default None: the CPU break-even of the rows mode measured by benchmarks/zipvl_breakeven.py
+  (`budget.BREAK_EVEN`: 0.4 for "keys", 0.9 for "zero"); before it, ZipVL was slower than dense
+  wherever tau kept 81-94% of the keys (0.84x on the bundled model). The GPU kernel's break-even
+  is not measured.
 - Dense layers: the first `dense_layers` (2) layers attend densely (they still score for the KV).
 - Heads: a_j sums every query head (GQA groups included), giving one T per layer shared by heads.
 - Chunked prefill (prompts longer than the pipeline's prefill_chunk, or encode() then ask()): each

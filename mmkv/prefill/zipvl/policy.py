@@ -13,10 +13,11 @@ from ...kernels.sparse_prefill import sparse_attention
 from ...stages import check, register
 from ..base import PrefillPolicy
 from . import kv
-from .budget import adaptive_budget, select_important
+from .budget import BREAK_EVEN, adaptive_budget, runs_dense, select_important
 from .probes import pick_probes, probe_attention, probes_seeing
 
-_COUNTS = "zipvl_counts"    # state: {layer: [kept keys, keys, dense pairs, sparse pairs, probe pairs, flops/pair]}
+_COUNTS = "zipvl_counts"    # state: {layer: [kept keys, keys, dense pairs, pairs computed, probe pairs, flops/pair,
+#                                     keys the budget chose, calls run dense past the break-even]}
 _SCORES = "zipvl_scores"    # state: {layer: (a [seen] fp32, nnz [seen] fp32)} by sequence index
 _DECODE_Q = "zipvl_decode_q"  # state: {layer: [B, Hq, m, D]} queries of tokens not yet re-selected
 _DECODE = "zipvl_decode"    # state: {layer: [kept, total]} decode re-selection counts
@@ -38,6 +39,7 @@ class ZipVL(PrefillPolicy):
     seed: int = 0
     dense_layers: int = 2            # the first layers attend densely
     rows: str = "keys"               # unimportant query rows: "keys" (attend to T's keys) | "zero"
+    dense_above: float | None = None  # kept ratio above which a layer attends densely (None: BREAK_EVEN[rows])
     kv: str = "mixed"                # "mixed" (v1: 4/2 bits) | "evict" (v2) | "none"
     bits_high: int = 4
     bits_low: int = 2
@@ -53,6 +55,9 @@ class ZipVL(PrefillPolicy):
         check(self.probes_recent + self.probes_random >= 1, "zipvl: at least one probe query is needed")
         check(self.dense_layers >= 0, f"zipvl: dense_layers must be >= 0, got {self.dense_layers}")
         check(self.rows in ("zero", "keys"), f"zipvl: rows must be 'zero' or 'keys', got {self.rows!r}")
+        check(self.dense_above is None or 0 < self.dense_above <= 1,
+              f"zipvl: dense_above (kept ratio above which a layer attends densely) must be in (0, 1] or none, "
+              f"got {self.dense_above!r}")
         check(self.kv in ("mixed", "evict", "none"), f"zipvl: kv must be 'mixed', 'evict' or 'none', got {self.kv!r}")
         check(self.bits_high in (1, 2, 4, 8) and self.bits_low in (1, 2, 4, 8),
               f"zipvl: bits must be 1, 2, 4 or 8, got bits_high={self.bits_high}, bits_low={self.bits_low}")
@@ -60,6 +65,11 @@ class ZipVL(PrefillPolicy):
         check(self.values in ("channel_separable", "token"),
               f"zipvl: values must be 'channel_separable' or 'token', got {self.values!r}")
         check(self.every >= 0, f"zipvl: every must be >= 0, got {self.every}")
+
+    @property
+    def break_even(self) -> float:
+        """The kept ratio above which a layer attends densely (dense_above, or BREAK_EVEN[rows])."""
+        return BREAK_EVEN[self.rows] if self.dense_above is None else self.dense_above
 
     @property
     def compresses_kv(self) -> bool:
@@ -122,9 +132,9 @@ class ZipVL(PrefillPolicy):
             self._count(st, idx, lk, lk, dense_pairs, dense_pairs, 0, hq * d)
             return probe_out.transpose(1, 2).contiguous().to(query.dtype)
         p = adaptive_budget(received, self.tau, self.ratio)
-        if p >= lk:
-            self._count(st, idx, lk, lk, dense_pairs, dense_pairs, probe_pairs, hq * d)
-            return None  # keep all: exactly the dense path
+        if runs_dense(p, lk, self.break_even):  # keep all, or too many to be faster: exactly the dense path
+            self._count(st, idx, lk, lk, dense_pairs, dense_pairs, probe_pairs, hq * d, found=p, fallback=int(p < lk))
+            return None
         keep = select_important(received, nnz, p)                                  # [p] key indices
         q_idx = keep[keep >= off] - off if self.rows == "zero" else torch.arange(lq, device=query.device)
         sparse_pairs = int(torch.searchsorted(keep, q_idx + off, right=True).sum())
@@ -132,9 +142,10 @@ class ZipVL(PrefillPolicy):
         return sparse_attention(query, key, value, q_idx, keep, scaling)
 
     @staticmethod
-    def _count(st, idx, kept, keys, dense, sparse, probe, per_pair):
-        c = st[_COUNTS].get(idx, [0, 0, 0, 0, 0, per_pair])
-        st[_COUNTS][idx] = [c[0] + kept, c[1] + keys, c[2] + dense, c[3] + sparse, c[4] + probe, per_pair]
+    def _count(st, idx, kept, keys, dense, sparse, probe, per_pair, found=None, fallback=0):
+        c = st[_COUNTS].get(idx, [0, 0, 0, 0, 0, per_pair, 0, 0])
+        st[_COUNTS][idx] = [c[0] + kept, c[1] + keys, c[2] + dense, c[3] + sparse, c[4] + probe, per_pair,
+                            c[6] + (kept if found is None else found), c[7] + fallback]
 
     @staticmethod
     def _accumulate(st, idx, layer, received, nnz):
@@ -175,6 +186,8 @@ class ZipVL(PrefillPolicy):
         s = press_ctx.stats
         s["zipvl_ratio_per_layer"] = [round(r, 4) for r in ratios]
         s["zipvl_kept_per_layer"] = [c[i][0] for i in layers]
+        s["zipvl_budget_ratio_per_layer"] = [round(c[i][6] / max(c[i][1], 1), 4) for i in layers]
+        s["zipvl_dense_fallbacks_per_layer"] = [c[i][7] for i in layers]
         s["zipvl_ratio_mean"] = sum(sparse) / len(sparse)
         s["zipvl_attn_flops_dense"] = dense
         s["zipvl_attn_flops"] = used
