@@ -3,6 +3,8 @@
 Unit tests run the presses on hand-built VisualTokens (exact expectations); the model tests run
 them through the pipeline on tiny checkpoints and check positions against the plain HF model."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -102,9 +104,8 @@ def test_pvc_budgets_are_respected():
 
 
 def test_pvc_ratio_caps_the_whole_video():
-    """`ratio` is a cap over the video: each slot gets its share, the rounding remainder carries
-    over (rounding up per slot kept 33% of a 3-token grid at ratio=0.125), and the stats say the
-    fraction kept."""
+    """`ratio` is a cap over the video: what a slot leaves unused carries over (rounding up per
+    slot kept 33% of a 3-token grid at ratio=0.125), and the stats say the fraction kept."""
     torch.manual_seed(3)
     vt = video_tokens(torch.randn(6, 6, 5, 8))                       # 30 tokens per slot, all new
     out = run_stream(PVC(ratio=0.25), vt, chunk_slots=4)
@@ -124,6 +125,15 @@ def test_pvc_ratio_caps_the_whole_video():
             assert torch.equal(counts.cumsum(0), torch.ceil(ratio * seen - 1e-9).long())  # never above the cap
             assert ctx.stats["pvc_kept_fraction"] == pytest.approx(int(counts.sum()) / 48)
             assert ctx.stats["pvc_kept_fraction"] <= ratio + 1 / 48
+    # what still slots leave unused is spent where the video changes (4-token grid at 0.125: a
+    # per-slot share would leave slot 9 with no token, ceil per slot would keep 25% of every slot)
+    x = torch.randn(1, 2, 2, 8).repeat(12, 1, 1, 1)
+    x[9:] = torch.randn(1, 2, 2, 8)                                  # every token changes in slot 9, then stays
+    counts = run_stream(PVC(ratio=0.125), video_tokens(x), 4).per_slot_counts().tolist()
+    assert counts == [1] + [0] * 8 + [4, 0, 0]                       # ceil(0.125 * 40) - 1 = 4 left for slot 9
+    x[10] = torch.randn(1, 2, 2, 8)                                  # another change right after: allowance spent
+    counts = run_stream(PVC(ratio=0.125), video_tokens(x), 4).per_slot_counts().tolist()
+    assert counts[:11] == [1] + [0] * 8 + [4, 1] and sum(counts) <= math.ceil(0.125 * 48)
     with pytest.raises(RecipeError, match="ratio"):
         Recipe.parse("pvc:ratio=1.5")
 
