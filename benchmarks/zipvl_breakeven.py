@@ -11,8 +11,14 @@ median, over repeats in alternating order, of process CPU time (1 thread by defa
 on a shared machine disturb it far less than wall time) divided by the dense time of the same
 repeat. The break-even is where the ratio crosses 1, interpolated linearly.
 
+`--bundled N` times instead the whole prefill of one held-out needle video (256 frames, 536
+prompt tokens) on the bundled trained model, N repeats alternating dense, ZipVL with the
+fallback (the default) and ZipVL with it off (`dense_above=1`), and prints the median per-repeat
+speed relative to dense and the per-layer ratios ZipVL found.
+
     python benchmarks/zipvl_breakeven.py                                  # 1K, 4K, 8K tokens
     python benchmarks/zipvl_breakeven.py --lengths 512 --repeats 1         # quick check
+    python benchmarks/zipvl_breakeven.py --bundled 41                      # the bundled model
 """
 from __future__ import annotations
 
@@ -65,6 +71,47 @@ def crossing(ratios, rel) -> float | None:
     return None
 
 
+def bundled(repeats: int) -> None:
+    """Prefill time of one held-out video on the bundled model: dense vs ZipVL with / without the fallback."""
+    import json
+    import os
+    import tempfile
+
+    import mmkv
+    from mmkv.bench.quality import HELD_OUT_SEED
+    from mmkv.evaluation.prompts import videomme_prompt
+    from mmkv.synthetic import write_dataset
+
+    data = tempfile.mkdtemp()
+    write_dataset(data, 1, 256, HELD_OUT_SEED)
+    row = json.load(open(os.path.join(data, "videomme.json")))[0]
+    media = mmkv.io.load_media(os.path.join(data, f"{row['videoID']}.mp4"), frames=row["num_frames"])
+    question = videomme_prompt(row["question"], row["options"])
+    base = mmkv.load("mmkv-tiny")
+    specs = ["none", "zipvl:kv=none", "zipvl:kv=none,dense_above=1"]
+    pipes = {sp: base.with_recipe(sp) for sp in specs}
+    times, last = {sp: [] for sp in specs}, {}
+    for i in range(repeats):
+        for sp in (specs if i % 2 == 0 else specs[::-1]):
+            res = pipes[sp].generate(media, question, max_new_tokens=1)
+            times[sp].append(res.stats.prefill_s)
+            last[sp] = res.stats
+    warm = slice(min(3, repeats - 1), None)
+    print(f"bundled model, {last['none'].prompt_tokens}-token prompt, {repeats} repeats "
+          f"(first {warm.start} dropped), threads={torch.get_num_threads()}")
+    print("| recipe | prefill ms (median) | speed vs dense (median per repeat) | kept ratio per layer | "
+          "budget ratio per layer | attn FLOPs saved |")
+    print("|---|---|---|---|---|---|")
+    for sp in specs:
+        rel = statistics.median(d / t for d, t in zip(times["none"][warm], times[sp][warm]))
+        ex = last[sp].extra
+        cells = ["", "", ""]
+        if "zipvl_ratio_per_layer" in ex:
+            cells = [str(ex["zipvl_ratio_per_layer"]), str(ex["zipvl_budget_ratio_per_layer"]),
+                     f"{100 * ex['zipvl_attn_flops_saved']:.1f}%"]
+        print(f"| `{sp}` | {1000 * statistics.median(times[sp][warm]):.1f} | {rel:.3f} | " + " | ".join(cells) + " |")
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -80,8 +127,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--heads", default="14,2,64", help="query heads, KV heads, head dim")
+    ap.add_argument("--bundled", type=int, default=0, metavar="N",
+                    help="time the bundled model's prefill instead, N repeats")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.bundled:
+        print(f"machine: {platform.machine()}, {cpu_name()}, torch {torch.__version__}")
+        with torch.inference_mode():
+            bundled(args.bundled)
+        return
     hq, hk, d = (int(x) for x in args.heads.split(","))
     ratios = [float(x) for x in args.ratios.split(",")]
     print(f"machine: {platform.machine()}, {cpu_name()}, torch {torch.__version__}, "
