@@ -27,7 +27,8 @@ RECIPES = [
     ("none", "dense SDPA"),
     ("zipvl:kv=none", "ZipVL tau=0.975"),
     ("zipvl", "ZipVL tau=0.975 + 4/2-bit KV"),
-    ("zipvl:kv=none,ratio=0.5", "ZipVL fixed 50%"),
+    ("zipvl:kv=none,ratio=0.5,dense_above=1", "ZipVL fixed 50%, no dense fallback"),
+    ("zipvl:kv=none,ratio=0.5", "ZipVL fixed 50% (past the break-even: dense)"),
     ("zipvl:kv=none,ratio=0.3", "ZipVL fixed 30%"),
     ("zipvl:kv=none,ratio=0.1", "ZipVL fixed 10%"),
 ]

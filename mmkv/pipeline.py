@@ -56,6 +56,7 @@ class Encoded:
     system: str | None = None
     consumed: bool = False
     prefill_state: dict = field(default_factory=dict)
+    made_by: dict = field(default_factory=dict)  # what the encoding depends on (Pipeline._maker)
 
     @property
     def kind(self) -> str:
@@ -113,7 +114,10 @@ class Pipeline:
 
     def with_recipe(self, recipe) -> "Pipeline":
         """A Pipeline over the same loaded model with another recipe (a preset name, a recipe
-        string or a Recipe); nothing is reloaded. Its encoded videos are its own."""
+        string or a Recipe); nothing is reloaded. It can ask another pipeline's encoding only when
+        its own encode would have made the same one: the same vision stages and, unless the
+        encoding was made with prefill=False, the same prefill policy and encode-time KV presses
+        (KV presses that run at ask may differ); otherwise ask() raises InputError."""
         r = recipe if isinstance(recipe, Recipe) else Recipe.parse(recipe)
         return Pipeline(self.adapter, r, self.base_attn, chunk_frames=self.chunk_frames,
                         prefill_chunk=self.prefill_chunk, system=self.system, model_name=self.model_name,
@@ -139,6 +143,30 @@ class Pipeline:
             self.kv_encode, self.kv_ask = kv[:first_qa], kv[first_qa:]
         else:
             self.kv_encode, self.kv_ask = [], kv
+
+    def _maker(self, deferred: bool) -> dict:
+        """What an encoding made by this pipeline depends on (checked by ask)."""
+        m = {"model": id(self.adapter), "vision stages": [p.spec() for p in self.recipe.vision]}
+        if not deferred:  # the prefix KV was computed (and maybe compressed) at encode
+            pre = self.recipe.prefill
+            m["prefill policy"] = None if pre is None else (pre.spec(), self.compress_at, self.prefill_chunk)
+            m["encode-time KV presses"] = [p.spec() for p in self.kv_encode]
+        return m
+
+    def _check_encoding(self, encoded: Encoded) -> None:
+        made = encoded.made_by
+        if not made:
+            return
+        mine = self._maker(encoded.deferred)
+        diff = [k for k in mine if made.get(k) != mine[k]]
+        if diff:
+            reason = ("it was made with another loaded model" if "model" in diff
+                      else f"its {' and '.join(diff)} differ from this pipeline's")
+            raise InputError(
+                f"this video was encoded by a pipeline with recipe {made['recipe']!r} and cannot be asked by "
+                f"this one (recipe {str(self.recipe)!r}): {reason}. Encode it again with this pipeline (an "
+                f"encoding can be asked by pipelines over the same model with the same vision stages and, "
+                f"unless encoded with prefill=False, the same prefill policy and encode-time KV presses)")
 
     @property
     def note(self) -> str:
@@ -193,6 +221,7 @@ class Pipeline:
                     enc.prefill_state = {"stats": pctx.stats, "state": pctx.state}
                 enc.cache, enc.embeds = cache, None
                 stats.prefill_s = t_pre.seconds
+            enc.made_by = dict(self._maker(enc.deferred), recipe=str(self.recipe))
         stats.encode_s = t_enc.seconds
         stats.peak_memory_bytes, stats.peak_memory_kind = peak["bytes"], peak["kind"]
         return enc
@@ -327,9 +356,10 @@ class Pipeline:
             raise InputError(f"temperature must be positive when sampling, got {temperature}")
         if encoded.consumed:
             raise InputError("this encoded video was consumed by ask(reuse=False); encode it again")
+        self._check_encoding(encoded)
         a = self.adapter
         report = _progress(progress)
-        stats = replace(encoded.stats, visual_tokens=list(encoded.stats.visual_tokens), extra=dict(encoded.stats.extra))
+        stats = replace(encoded.stats, recipe=str(self.recipe), visual_tokens=list(encoded.stats.visual_tokens), extra=dict(encoded.stats.extra))
         follow_up = session is not None and session.cache is not None
         if follow_up:
             # the answer's unfed last token (when it ended on max_new_tokens), then the next turn

@@ -3,6 +3,8 @@
 Unit tests run the presses on hand-built VisualTokens (exact expectations); the model tests run
 them through the pipeline on tiny checkpoints and check positions against the plain HF model."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -101,21 +103,93 @@ def test_pvc_budgets_are_respected():
     assert out.per_slot_counts().tolist() == [20] + [5] * 6
 
 
-def test_pvc_ratio_caps_every_slot_by_its_size():
+def test_pvc_ratio_caps_the_whole_video():
+    """`ratio` is a cap over the video: what a slot leaves unused carries over (rounding up per
+    slot kept 33% of a 3-token grid at ratio=0.125), and the stats say the fraction kept."""
     torch.manual_seed(3)
     vt = video_tokens(torch.randn(6, 6, 5, 8))                       # 30 tokens per slot, all new
     out = run_stream(PVC(ratio=0.25), vt, chunk_slots=4)
-    assert out.per_slot_counts().tolist() == [8] * 6                 # ceil(0.25 * 30), first slot too
-    assert out.per_slot_counts().sum() <= 0.27 * vt.num
+    assert out.per_slot_counts().tolist() == [8, 7, 8, 7, 8, 7]      # ceil(0.25 * 30 t) - ceil(0.25 * 30 (t-1))
     out = run_stream(PVC(ratio=0.2, first=30), vt, chunk_slots=6)    # `first` still sets the first slot
     assert out.per_slot_counts().tolist() == [30] + [6] * 5
-    static = video_tokens(torch.randn(1, 6, 5, 8).expand(6, -1, -1, -1))
-    counts = run_stream(PVC(ratio=0.25, first=30), static, chunk_slots=3).per_slot_counts().tolist()
-    assert counts == [30, 0, 0, 0, 0, 0]                             # static content still costs nothing
-    counts = run_stream(PVC(ratio=0.25), static, chunk_slots=3).per_slot_counts().tolist()
-    assert all(c <= 8 for c in counts) and counts[-1] == 0            # capped, and done once all is seen
+    small = video_tokens(torch.randn(16, 1, 3, 8))                   # 3 tokens per slot, all new
+    for ratio in (0.125, 0.2, 0.5):
+        for cs in (1, 5, 16):
+            ctx = VisionContext()
+            p = PVC(ratio=ratio, threshold=0.0)
+            st = p.start(ctx)
+            parts = [p.step(small.subset(torch.arange(3 * s, 3 * min(16, s + cs))), st, ctx) for s in range(0, 16, cs)]
+            from mmkv.vision.base import VisualTokens
+            counts = p.finish(VisualTokens.cat(parts), st, ctx).per_slot_counts()
+            seen = 3 * torch.arange(1, 17)
+            assert torch.equal(counts.cumsum(0), torch.ceil(ratio * seen - 1e-9).long())  # never above the cap
+            assert ctx.stats["pvc_kept_fraction"] == pytest.approx(int(counts.sum()) / 48)
+            assert ctx.stats["pvc_kept_fraction"] <= ratio + 1 / 48
+    # what still slots leave unused is spent where the video changes (4-token grid at 0.125: a
+    # per-slot share would leave slot 9 with no token, ceil per slot would keep 25% of every slot)
+    x = torch.randn(1, 2, 2, 8).repeat(12, 1, 1, 1)
+    x[9:] = torch.randn(1, 2, 2, 8)                                  # every token changes in slot 9, then stays
+    counts = run_stream(PVC(ratio=0.125), video_tokens(x), 4).per_slot_counts().tolist()
+    assert counts == [1] + [0] * 8 + [4, 0, 0]                       # ceil(0.125 * 40) - 1 = 4 left for slot 9
+    x[10] = torch.randn(1, 2, 2, 8)                                  # another change right after: allowance spent
+    counts = run_stream(PVC(ratio=0.125), video_tokens(x), 4).per_slot_counts().tolist()
+    assert counts[:11] == [1] + [0] * 8 + [4, 1] and sum(counts) <= math.ceil(0.125 * 48)
     with pytest.raises(RecipeError, match="ratio"):
         Recipe.parse("pvc:ratio=1.5")
+
+
+SETTINGS = [PVC(), PVC(budget=3), PVC(budget=2, first=5), PVC(ratio=0.125), PVC(ratio=0.25), PVC(ratio=0.5),
+            PVC(ratio=0.125, threshold=0.0), PVC(ratio=0.25, merge=False), PVC(ratio=0.2, first=3),
+            PVC(budget=4, threshold=0.3)]
+
+
+@pytest.mark.parametrize("press", SETTINGS, ids=lambda p: p.spec())
+def test_pvc_identical_frames_cost_nothing_under_every_setting(press):
+    """A static video keeps tokens in its first slot only; so does a video that stops changing;
+    merging conserves the weighted sum of the embeddings."""
+    torch.manual_seed(30)
+    static = video_tokens(torch.randn(1, 5, 7, 16).expand(8, -1, -1, -1))
+    for cs in (1, 3, 8):
+        counts = run_stream(press, static, cs).per_slot_counts().tolist()
+        assert counts[0] > 0 and counts[1:] == [0] * 7, counts
+    x = torch.randn(8, 5, 7, 16)
+    x[3:] = x[2]                                                     # three different frames, then still
+    vt = video_tokens(x)
+    out = run_stream(press, vt, 3)
+    assert out.per_slot_counts()[3:].tolist() == [0] * 5
+    if press.merge:
+        assert out.weight.sum() == vt.num
+        torch.testing.assert_close((out.embeds * out.weight[:, None]).sum(0), vt.embeds.sum(0), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("press", SETTINGS, ids=lambda p: p.spec())
+def test_pvc_one_changed_region_costs_only_that_region(press):
+    torch.manual_seed(31)
+    x = torch.randn(1, 5, 7, 16).repeat(8, 1, 1, 1)
+    region = [(1, 2), (1, 3), (2, 2), (2, 3)]
+    for h, w in region:
+        x[3:, h, w] = torch.randn(16)                                # changes in slot 3, then stays
+    out = run_stream(press, video_tokens(x), 3)
+    counts = out.per_slot_counts().tolist()
+    assert counts[1:3] == [0, 0] and counts[4:] == [0] * 4, counts
+    later = {(h, w) for t, h, w in kept_set(out) if t > 0}
+    assert 0 < len(later) and later <= set(region)
+    if press.ratio is None:                                          # as much of it as the budget allows
+        assert len(later) == min(press.budget, len(region))
+
+
+@pytest.mark.parametrize("press", SETTINGS, ids=lambda p: p.spec())
+def test_pvc_content_that_returns_is_kept_again(press):
+    """A -> B -> A at the same positions: the return is new against what the model last saw there
+    (B), so it is kept again, as much as B was; repeats of either cost nothing."""
+    torch.manual_seed(32)
+    a, b = torch.randn(2, 1, 5, 7, 16)
+    x = torch.cat([a, a, b, b, a, a])                                # slots: A A B B A A
+    counts = run_stream(press, video_tokens(x), 2).per_slot_counts().tolist()
+    assert counts[1] == counts[3] == counts[5] == 0, counts
+    assert counts[0] > 0 and counts[2] > 0 and counts[4] > 0, counts
+    if press.first is None and press.ratio is None:
+        assert counts[2] == counts[4] == min(35, press.budget)
 
 
 def test_pvc_threshold_and_min_keep():
@@ -221,6 +295,27 @@ def test_evs_is_vllms_rule():
         assert set(range(H * W)) <= set(out.index.tolist())         # frame 0 whole
     img = build_tokens(torch.randn(4, 8), grid_coords(0, 1, 2, 2), 0, (1, 2, 2), [0.0], "image")
     assert EVS(keep=0.25).compress(img, VisionContext()) is img
+
+
+def vllm_retained(tokens_per_frame, num_frames, q):
+    """vLLM's compute_retained_tokens_count (vllm/multimodal/evs.py), as written there."""
+    total_tokens = tokens_per_frame * num_frames
+    return max(tokens_per_frame, int(total_tokens * (1 - q)))
+
+
+@pytest.mark.parametrize("keep,rate", [("0.1", "0.9"), ("0.2", "0.8"), ("0.25", "0.75"), ("0.07", "0.93"),
+                                       ("0.3", "0.7"), ("0.125", "0.875"), ("0.05", "0.95"), ("0.9", "0.1")])
+def test_evs_count_is_vllms_float_arithmetic(keep, rate):
+    """keep=K is `--video-pruning-rate 1-K`; the count is vLLM's int(total * (1 - q)) in floats,
+    one less than int(total * keep) where 1 - q rounds below keep (total 80, keep 0.1: 7)."""
+    from mmkv.vision.evs import evs_retained
+    for tpf in (1, 2, 4, 16):
+        for frames in range(1, 101):
+            assert evs_retained(tpf, tpf * frames, float(keep)) == vllm_retained(tpf, frames, float(rate))
+    if keep in ("0.1", "0.2"):
+        torch.manual_seed(9)
+        vt = video_tokens(torch.randn(20, 2, 2, 8))                   # 80 tokens, 4 per frame
+        assert EVS(keep=float(keep)).compress(vt, VisionContext()).num == {"0.1": 7, "0.2": 15}[keep]
 
 
 def test_pool_averages_blocks_at_the_top_left_position():
@@ -355,6 +450,19 @@ def test_pipeline_changed_frame_is_kept(tiny_dir):
     changed = {(3, h, w) for h in (2, 3) for w in (0, 1)}
     assert changed <= later                                          # the changed tokens of that frame
     assert {t for t, _, _ in later} <= {3, 4}                        # and nothing from unchanged frames
+
+
+@pytest.mark.parametrize("recipe", ["pvc", "pvc:ratio=0.125", "pvc:ratio=0.25"])
+def test_pipeline_red_square_in_two_frames_is_kept(tiny_dir, recipe):
+    """Qwen2.5-VL (2 frames per slot): a red square in frames 6-7 on a still background is kept at
+    its position under every PVC setting, and nothing else after the first slot but the background
+    that returns at that position in slot 4 (`ratio` used to spend its budget on the background)."""
+    fam = "qwen2_5_vl"
+    video = np.repeat(frames_for(fam, n=1, seed=21), 12, axis=0)
+    video[6:8, 56:84, 28:56] = [255, 0, 0]                           # one 28x28 token: (h, w) = (2, 1)
+    res = mmkv.load(tiny_dir[fam], recipe=recipe, chunk_frames=4).encode(video, prefill=False)
+    later = kept_set(res.visual) - {(0, h, w) for h in range(4) for w in range(4)}
+    assert later == {(3, 2, 1), (4, 2, 1)}
 
 
 def test_pipeline_streaming_chunks_equal_whole(tiny_dir):

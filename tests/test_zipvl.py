@@ -103,7 +103,8 @@ def test_rows_keys_mode_attends_every_row_to_important_keys():
     """rows="keys" on a chunk after a cached prefix: every query row attends to the important keys
     at or before it (rows that see none get 0), with a fixed ratio."""
     q, k, v = qkv(lq=31, lk=52, seed=3)
-    policy = ZipVL(ratio=0.4, probes_recent=10, probes_random=0, dense_layers=0, kv="none", rows="keys")
+    policy = ZipVL(ratio=0.4, probes_recent=10, probes_random=0, dense_layers=0, kv="none", rows="keys",
+                   dense_above=1.0)
     cache = CompressedCache(1)
     cache.update(k[:, :, :21], v[:, :, :21], 0)
     out, _ = run_attend(policy, q, k[:, :, 21:], v[:, :, 21:], cache=cache,
@@ -118,6 +119,38 @@ def test_rows_keys_mode_attends_every_row_to_important_keys():
                        v.double().repeat_interleave(2, 1)).transpose(1, 2)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
     assert policy._pctx.state["zipvl_counts"][0][0] == math.ceil(0.4 * 52)
+
+
+@pytest.mark.parametrize("rows,ratio,dense_above,dense", [
+    ("keys", 0.5, None, True), ("keys", 0.3, None, False), ("keys", 0.5, 0.6, False),
+    ("zero", 0.5, None, False), ("zero", 0.95, None, True), ("zero", 0.5, 0.45, True),
+])
+def test_layers_past_the_break_even_attend_densely(rows, ratio, dense_above, dense):
+    """A layer whose kept ratio is above the break-even (BREAK_EVEN[rows] = 0.4 for keys, 0.9 for
+    zero, measured on CPU; or dense_above) attends densely, and the stats say so: ratio 1, the
+    budget's ratio, one fallback, and FLOPs = dense + probes."""
+    from mmkv.prefill.zipvl.budget import BREAK_EVEN
+    assert BREAK_EVEN == {"keys": 0.4, "zero": 0.9}
+    q, k, v = qkv(lq=60, lk=60, seed=8)
+    policy = ZipVL(ratio=ratio, rows=rows, dense_above=dense_above, probes_recent=6, probes_random=6,
+                   dense_layers=0, kv="none")
+    pctx = PressContext(token_type=torch.zeros(60, dtype=torch.int8))
+    out, _ = run_attend(policy, q, k, v, pctx=pctx)
+    policy._write_stats(pctx)
+    s = pctx.stats
+    p = math.ceil(ratio * 60)
+    assert s["zipvl_budget_ratio_per_layer"] == [round(p / 60, 4)]
+    assert (out is None) == dense and s["zipvl_dense_fallbacks_per_layer"] == [int(dense)]
+    assert s["zipvl_ratio_per_layer"] == ([1.0] if dense else [round(p / 60, 4)])
+    per_pair = 4 * q.shape[1] * q.shape[-1]
+    assert s["zipvl_attn_flops_dense"] == 60 * 61 // 2 * per_pair
+    probe_pairs = pctx.state["zipvl_counts"][0][4]
+    assert sum(range(55, 61)) < probe_pairs <= 12 * 60                # 6 recent + 6 random probe rows
+    if dense:   # what the layer really did: dense attention plus the probes that found the ratio
+        assert s["zipvl_attn_flops"] == (60 * 61 // 2 + probe_pairs) * per_pair
+        assert s["zipvl_attn_flops_saved"] < 0
+    else:
+        assert s["zipvl_attn_flops_saved"] > 0
 
 
 def test_tau_one_and_all_probe_chunks_are_exactly_dense():
@@ -323,7 +356,8 @@ def test_standalone_attention_implementation():
         model.set_attn_implementation("zipvl")
         with zipvl_session(ZipVL(tau=1.0, kv="none")) as st:
             same = model(ids).logits
-        with zipvl_session(ZipVL(tau=0.8, kv="none", probes_recent=8, probes_random=8, dense_layers=1)) as st2:
+        with zipvl_session(ZipVL(tau=0.8, kv="none", probes_recent=8, probes_random=8, dense_layers=1,
+                                 dense_above=1.0)) as st2:
             sparse = model(ids).logits
         with pytest.raises(ValueError, match="unpadded"):
             mask = torch.ones(2, 150, dtype=torch.long)

@@ -8,7 +8,12 @@ Efficient Video Sampling, Bagrov et al., arXiv 2510.14624; in vLLM as `--video-p
 3. keep the global top-k over the whole video, k = max(tokens per frame, int(total * (1 - q))),
    with a stable descending sort (earlier tokens win ties).
 This press follows it exactly, with `keep` = 1 - q (the fraction kept, like mmkv's other
-presses), applied to the tokens an adapter produced; kept tokens keep their original positions
+presses), applied to the tokens an adapter produced. "Exactly" includes the float arithmetic:
+`keep=0.1` stands for `--video-pruning-rate 0.9`, q is that decimal complement as a float
+(`vllm_rate`), and k is vLLM's `int(total * (1 - q))` computed from it, which is one token less
+than `int(total * keep)` wherever float rounding makes 1 - q fall below keep (total 80, keep 0.1:
+7, not 8); the cosine similarity is torch's `cosine_similarity` in the embeddings' own dtype,
+as in vLLM. Kept tokens keep their original positions
 (vLLM re-derives M-RoPE positions for the kept tokens; the result is the same positions).
 A token whose same-position predecessor was dropped by an earlier press scores as new (255).
 
@@ -19,6 +24,7 @@ for comparisons at PVC's and 2x2 pooling's budget; vLLM has no default (pruning 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import ClassVar
 
 import torch
@@ -38,14 +44,22 @@ def evs_scores(tokens: VisualTokens, rows: torch.Tensor) -> torch.Tensor:
     table = torch.full((T + 1, H, W), -1, dtype=torch.long, device=rows.device)
     table[t + 1, h, w] = torch.arange(rows.numel(), device=rows.device)   # slot t stored at t + 1
     prev = table[t, h, w]                                                   # slot t - 1 (row 0: none)
-    x = F.normalize(tokens.embeds[rows].float(), dim=-1)
-    sim = (x * x[prev.clamp(min=0)]).sum(-1)
-    return torch.where(prev >= 0, 1.0 - sim, torch.full_like(sim, FIRST_FRAME_SCORE))
+    x = tokens.embeds[rows]
+    dis = 1 - F.cosine_similarity(x, x[prev.clamp(min=0)], dim=-1)         # vLLM: in the embeddings' dtype
+    return torch.where(prev >= 0, dis, torch.full_like(dis, FIRST_FRAME_SCORE))
+
+
+def vllm_rate(keep: float) -> float:
+    """vLLM's pruning rate q for `keep`: the decimal 1 - keep as written (keep=0.1 -> q=0.9), as a
+    float, i.e. the value `--video-pruning-rate` would parse to."""
+    return float(Decimal(1) - Decimal(repr(float(keep))))
 
 
 def evs_retained(tokens_per_frame: int, total: int, keep: float) -> int:
-    """vLLM's `compute_retained_tokens_count` with q = 1 - keep, capped at the tokens there are."""
-    return min(total, max(tokens_per_frame, int(total * keep)))
+    """vLLM's `compute_retained_tokens_count` (max(tokens per frame, int(total * (1 - q)))) with
+    q = vllm_rate(keep), capped at the tokens there are."""
+    q = vllm_rate(keep)
+    return min(total, max(tokens_per_frame, int(total * (1 - q))))
 
 
 @register

@@ -7,33 +7,46 @@ frame); its weights cannot be used with other models. This press implements the 
 without training: each frame adds only what earlier frames did not already give.
 
 Algorithm (per temporal slot t, in order; a slot is one frame, or Qwen's pair of frames):
-1. Memory. For every spatial position j the state holds the token that currently represents j to
-   the language model (`ref_j`: the last token kept at j, or the token j's content was merged
-   into) - one [H*W, D] table, like PVC's temporal attention, which looks at the same spatial
-   position in earlier frames only.
+1. Memory. For every spatial position j the state holds the content last accounted for at j
+   (`ref_j`: the last token kept at j, or the last NEW token at j that the budget dropped and
+   merged into a kept one) and the kept token that represents j to the language model
+   (`ref_id_j`: that kept token, or the merge target) - one [H*W, D] table, like PVC's temporal
+   attention, which looks at the same spatial position in earlier frames only.
 2. Novelty. n_j = 1 - cos(x_tj, ref_j); positions with no representative yet (the first slot)
-   have n_j = 2, the largest cosine distance. Comparing against the kept representative and not
-   against the previous frame (as EVS does) makes slow drift accumulate until it is kept.
-3. Selection. Keep the tokens with n_j > `threshold`, at most `budget` per slot (`first` for the
-   first slot) and at least `min_keep`, the most novel first; ties (the whole first slot) go to
-   the tokens least similar to the slot's mean token (the distinctive ones). Static content
-   therefore costs nothing after its first appearance: a video of identical frames keeps one
-   slot's worth of tokens.
+   have n_j = 2, the largest cosine distance. Comparing against what was accounted for and not
+   against the previous frame (as EVS does) makes slow drift accumulate until it is kept: a token
+   dropped as not new (n_j <= threshold) leaves the memory as it was.
+3. Selection. Keep the tokens with n_j > `threshold`, at most `cap` per slot and at least
+   `min_keep`, the most novel first; ties (the whole first slot) go to the tokens least similar
+   to the slot's mean token (the distinctive ones). New tokens the cap drops are accounted for by
+   their merge target (step 1), so static content costs nothing after its first appearance under
+   every setting: a video of identical frames keeps tokens in its first slot only.
+   Content that returns (A, then B, then A again at the same positions) is new against the
+   memory, which holds B, and is kept again: the model's last view of those positions is B, and
+   only a kept token can tell it that A is back (dropping it would say B persists).
 4. Merging (`merge=True`). Every dropped token is averaged (weighted by the number of original
    tokens each stands for) into its nearest kept token: the most similar, by cosine, of (a) the
-   representative of its own position and (b) the tokens kept from its own slot. Merged
-   embeddings are written once the video ends (`finish`); until then the state keeps running
-   sums, so memory is the [H*W, D] table plus the kept tokens, never the whole video.
+   representative of its own position (similarity to the content accounted for there) and (b)
+   the tokens kept from its own slot. Merged embeddings are written once the video ends
+   (`finish`); until then the state keeps running sums, so memory is the [H*W, D] table plus the
+   kept tokens, never the whole video.
 5. Kept tokens keep their original (t, h, w) positions (the pipeline's invariant).
+
+Caps: `budget` tokens per slot (`first` for the first slot), or with `ratio` a fraction of the
+tokens over the whole video: slot t may keep ceil(ratio x S_t) - K_(t-1) tokens, S_t the patch
+tokens of slots 0..t and K_(t-1) the tokens kept before it. What a slot leaves unused (the
+rounding remainder, and all of it while nothing changes) carries over to later slots, so the
+video keeps at most ceil(ratio x its tokens) however small the grid, spent where frames change
+(rounding up in every slot kept 25-33% of 3- and 4-token grids at ratio=0.125, while a
+per-slot floor left the slot where a needle appears with no token at all). The first slot is
+included unless `first` is given. Stats: `pvc_seen_tokens`, `pvc_dropped_tokens`, `pvc_kept_fraction` (kept / seen).
 
 Defaults: budget=64 tokens per slot (the paper's 64 per frame); first=4*budget (PVC spends 4 x 64
 tokens on a static image: the first slot of a video is the picture before anything changes);
-ratio=None (set, e.g. `pvc:ratio=0.25`, the cap is ceil(ratio x the slot's tokens) for every slot,
-the first included unless `first` is given: a budget that means the same on every model, which
-the presets use);
-threshold=0.1 (cosine similarity 0.9: a choice, the paper has no threshold; tune it per model,
-see docs/vision.md); min_keep=0; merge=True. Images are one frame: left untouched unless
-`images=True`, which compresses each view of the image on its own as a first slot.
+ratio=None (e.g. `pvc:ratio=0.25`: a budget that means the same on every model, which the
+presets use); threshold=0.1 (cosine similarity 0.9: a choice, the paper has no threshold; tune it
+per model, see docs/vision.md); min_keep=0; merge=True. Images are one frame: left untouched
+unless `images=True`, which compresses each view of the image on its own as a first slot.
 
 Deviations from PVC (necessarily, as there is no training): no temporal attention or AdaLN in
 the vision tower, no repetition of images into 4-frame static videos; the per-frame budget is an
@@ -52,6 +65,7 @@ from ..stages import check, register
 from .base import VisionContext, VisionPress, VisualTokens
 
 UNSEEN = 2.0  # novelty of a position with no representative yet (the largest cosine distance)
+ROUNDING = 1e-6  # novelty below this is float32 rounding of identical vectors: 0 (so threshold=0 works)
 
 
 class _Rows:
@@ -81,12 +95,15 @@ class _Rows:
 
 @dataclass
 class PVCState:
-    ref: torch.Tensor | None = None       # [P, D] unit vectors of each position's representative
-    ref_id: torch.Tensor | None = None    # [P] long, kept-token id of the representative (-1: none)
+    ref: torch.Tensor | None = None       # [P, D] unit vectors of the content accounted for at each position
+    ref_id: torch.Tensor | None = None    # [P] long, kept-token id representing each position (-1: none)
     sums: _Rows | None = None             # running weighted sums of the tokens merged into each kept token
     kept_index: list = field(default_factory=list)  # original indices of the kept tokens, per slot
     slots: int = 0                        # slots processed
     dropped: int = 0                      # tokens dropped (and merged into kept ones when merge=True)
+    seen: int = 0                         # patch tokens seen
+    ratio_seen: int = 0                   # patch tokens of the slots capped by `ratio`
+    ratio_kept: int = 0                   # tokens kept in those slots
     passthrough: bool = False
 
 
@@ -156,6 +173,9 @@ class PVC(VisionPress):
         if state.passthrough or state.sums is None:
             return tokens
         ctx.stats["pvc_dropped_tokens"] = ctx.stats.get("pvc_dropped_tokens", 0) + state.dropped
+        seen = ctx.stats.get("pvc_seen_tokens", 0) + state.seen
+        ctx.stats["pvc_seen_tokens"] = seen
+        ctx.stats["pvc_kept_fraction"] = 1.0 - ctx.stats["pvc_dropped_tokens"] / max(seen, 1)
         if not self.merge:
             return tokens
         kept = torch.cat(state.kept_index)                          # [n_kept], increasing
@@ -172,6 +192,16 @@ class PVC(VisionPress):
         return replace(tokens, embeds=embeds, weight=weight)
 
     # ------------------------------------------------------------------ one slot
+    def _cap(self, n: int, first: bool, st: PVCState) -> int:
+        """Most tokens a slot of `n` patch tokens may keep: `first` / `budget`, or with `ratio` what
+        is left of ceil(ratio x the tokens so far) after the tokens kept before."""
+        if first and self.first is not None:
+            return self.first
+        if self.ratio is None:
+            return self.first_budget if first else self.budget
+        st.ratio_seen += n
+        return max(0, math.ceil(self.ratio * st.ratio_seen - 1e-9) - st.ratio_kept)
+
     def _slot(self, tok: VisualTokens, rows: torch.Tensor, H: int, W: int, st: PVCState, first: bool) -> torch.Tensor:
         """Choose the kept rows of one slot, update the memory and merge the dropped rows."""
         x = tok.embeds[rows].float()                                # [n, D]
@@ -187,18 +217,19 @@ class PVC(VisionPress):
         has_ref = rid >= 0
         sim_ref = (xn * st.ref[pos]).sum(-1)
         nov = torch.where(has_ref, 1.0 - sim_ref, torch.full_like(sim_ref, UNSEEN))
+        nov = nov.masked_fill(nov < ROUNDING, 0.0)
         # order: most novel first; ties to the most distinctive (least similar to the slot mean)
         distinct = 1.0 - xn @ F.normalize(x.mean(0), dim=0)
         order = torch.sort(distinct, descending=True, stable=True).indices
         order = order[torch.sort(nov[order], descending=True, stable=True).indices]
-        if self.ratio is not None:  # a model-independent cap: a fraction of the slot's tokens
-            cap = self.first if first and self.first is not None else math.ceil(self.ratio * len(rows) - 1e-9)
-        else:
-            cap = self.first_budget if first else self.budget
+        cap = self._cap(len(rows), first, st)
         n_new = int((nov > self.threshold).sum())
         k = min(len(order), max(min(cap, n_new), self.min_keep))
         keep, drop = order[:k].sort().values, order[k:]
+        if self.ratio is not None and not (first and self.first is not None):
+            st.ratio_kept += k
         st.slots += 1
+        st.seen += len(rows)
         st.kept_index.append(tok.index[rows[keep]])
         ids = st.sums.append(x[keep], w[keep])
         if drop.numel():
@@ -210,15 +241,15 @@ class PVC(VisionPress):
                 best_keep, arg = sim_keep.max(1)
                 use_ref = best_ref >= best_keep
                 target = torch.where(use_ref, rid[drop], ids[arg])
-                tgt_vec = torch.where(use_ref[:, None], st.ref[pos[drop]], xn[keep][arg])
             else:
-                target, tgt_vec = rid[drop], st.ref[pos[drop]]
+                target = rid[drop]
             ok = target >= 0                                         # always true unless nothing is kept and no ref
             if self.merge:
                 st.sums.add(target[ok], x[drop][ok], w[drop][ok])
-            # positions that had no representative are now represented by their merge target
-            new = ~has_ref[drop] & ok
-            st.ref[pos[drop][new]] = tgt_vec[new]
+            # new content the cap dropped (all of it where j had no representative) is accounted
+            # for: j now shows it, through its merge target; identical content later costs nothing
+            new = (nov[drop] > self.threshold) & ok
+            st.ref[pos[drop][new]] = xn[drop][new]
             st.ref_id[pos[drop][new]] = target[new]
         st.ref[pos[keep]] = xn[keep]
         st.ref_id[pos[keep]] = ids
