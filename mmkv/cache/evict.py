@@ -20,6 +20,17 @@ Shared choices (each press's docstring adds its own):
   research brief's "never evict" list; the papers evict text too.
 - Compression happens once (after the prefix with compress_at="encode", else after the
   question); nothing is evicted while decoding. Observation stops once compressed.
+- share (mmkv's choice, 0 = each layer ranks by its own scores, as the papers): every layer's
+  scores are scaled to mean 1 and mixed with the mean over all layers of each token's score,
+  s_l <- (1 - share) s_l + share * mean_l' s_l'[token]. A token's importance is then partly a
+  property of the token, not of the layer. Related: GemFilter (Shi et al., arXiv 2409.17422)
+  selects one token set with an early layer's attention for all layers. On the bundled model,
+  deep layers' prefix rows barely attend to the needles the question reads (a per-layer
+  ranking drops them there); the shared ranking keeps them (BENCHMARKS.md).
+- proxy: a stand-in question ("tail" = the chat template's assistant header alone, or any
+  text) is prefilled after the prefix over a throwaway copy of the cache at encode, so its rows
+  can vote (SnapKV's window becomes those rows; observed attention adds them); its KV is
+  dropped. StreamMem uses chat-template tokens as such a proxy [research brief, secondary].
 - With per-head budgets the heads hold different counts: they are stored in a `RaggedSegment`
   (real savings, no padding). A quantizing press after it only sees the layer's full-precision
   tail (what the question and answer add), so per-head budgets and quantization do not compose;
