@@ -126,7 +126,7 @@ def test_per_head_budgets_store_ragged_heads_with_real_bytes(tiny_dir):
     fam = "qwen2_5_vl"
     pipe = mmkv.load(tiny_dir[fam], recipe="adakv:0.75,window=4,alpha=0", compress_at="encode")
     enc = pipe.encode(frames_for(fam, n=8, seed=12))
-    n, keep = enc.prefix_len, uniform_keep(enc.prefix_len, 0.75)
+    keep = uniform_keep(enc.prefix_len, 0.75)
     ragged = [layer.segments[0] for layer in enc.cache.layers if layer.segments]
     assert ragged and all(isinstance(s, RaggedSegment) for s in ragged)
     for seg in ragged:
@@ -214,7 +214,7 @@ def test_needs_question_on_every_kv_stage():
     assert {"observed", "snapkv", "adakv", "expected", "lookm", "elastic", "streaming", "kivi", "vidkv"} <= set(kv)
     for name, cls in kv.items():
         assert isinstance(cls.needs_question, bool)
-        assert cls.needs_question == (name in ("vidkv",)), name
+        assert cls.needs_question == (cls.name == "vidkv"), name       # VidKV: its STP reads the question
     assert not ObservedAttention.needs_question and not SnapKV.needs_question and not AdaKV.needs_question
     assert not ExpectedAttention.needs_question and not LOOKM.needs_question and not ElasticCache.needs_question
     assert not StreamingLLM.needs_question and not KIVI.needs_question

@@ -206,5 +206,4 @@ class EvictionPress(KVPress):
             vs.append(v[:, 0])
             ps.append(p[0])
         layer.segments = [RaggedSegment.from_heads(ks, vs, ps)]
-        b, hk, _, d = layer.keys.shape
         layer.set_residual(layer.keys[:, :, :0], layer.values[:, :, :0], layer.pos[:, :0])

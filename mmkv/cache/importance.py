@@ -228,13 +228,6 @@ class TextImportance(Importance):
         qpos = torch.arange(q_start, q_start + lq, device=query.device)
         got = attention_received(query, key, kpos, qpos, scaling, rows.to(query.device))
         state[(idx, "sum")] = accumulate(state.get((idx, "sum")), got, kpos, layer.seen)
-        first_vis = state.get("first_visual")
-        if first_vis is None:
-            nz = (ctx.token_type != TEXT).nonzero()
-            first_vis = int(nz[0]) if nz.numel() else len(ctx.token_type)
-            state["first_visual"] = first_vis
-        seeing = int((q_start + rows > first_vis).sum())               # text rows that see the media
-        state["seeing_rows"] = state.get("seeing_rows", 0) + (seeing if idx == 0 else 0)
 
     def scores(self, state, idx, layer, ctx):
         s = entry_scores(state[(idx, "sum")], layer.pos)
@@ -285,7 +278,7 @@ class ExpectedImportance(Importance):
         return cos.mean(0).to(device), sin.mean(0).to(device)
 
     def scores(self, state, idx, layer, ctx):
-        keys, values, pos = layer.keys, layer.values, layer.pos                          # [B, Hk, n, D]
+        keys, values = layer.keys, layer.values                                          # [B, Hk, n, D]
         st = state.get((idx, "q"))
         b, hk, n, d = keys.shape
         if st is None or st[2] == 0:

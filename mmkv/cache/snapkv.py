@@ -29,7 +29,7 @@ from typing import ClassVar
 
 from ..stages import check, register
 from .evict import EvictionPress
-from .importance import WindowImportance, pool1d  # noqa: F401  (pool1d: re-exported for tests)
+from .importance import WindowImportance
 
 POOLS = ("max", "avg", "none")
 
