@@ -178,7 +178,14 @@ class Pipeline:
     def _press_ctx(self, token_type: torch.Tensor, **kw) -> PressContext:
         a = self.adapter
         return PressContext(token_type=token_type, num_heads=a.num_heads, num_kv_heads=a.num_kv_heads,
-                            head_dim=a.head_dim, **kw)
+                            head_dim=a.head_dim, rotary=self._rotary, **kw)
+
+    def _rotary(self, positions: torch.Tensor):
+        """(cos, sin) [m, D] fp32 of the language model's rotary embedding at positions [P, m]."""
+        a = self.adapter
+        x = torch.empty(0, dtype=torch.float32, device=a.device)
+        cos, sin = a.text_model.rotary_emb(x, a.model_positions(positions.to(a.device)))
+        return cos[0].float(), sin[0].float()
 
     # ------------------------------------------------------------------ encode
     @torch.inference_mode()
@@ -214,8 +221,9 @@ class Pipeline:
                     cache = CompressedCache(a.num_layers)
                     cache.set_fused(True)
                     pctx = self._press_ctx(token_type, visual_embeds=vt.embeds, phase="encode",
-                                           compress=self.compress_at == "encode")
+                                           compress=self.compress_at == "encode", positions=prefix.positions[:, keep])
                     self._prefill(cache, embeds, prefix.positions[:, keep], pctx, report, last_logits=False)
+                    self._proxy(cache, pctx, prefix, vt.kind, system)
                     for p in self.kv_encode:
                         p.compress(cache, pctx)
                     enc.prefill_state = {"stats": pctx.stats, "state": pctx.state}
@@ -290,6 +298,27 @@ class Pipeline:
         embeds[text.to(a.device)] = a.embed(prefix.ids[keep][text])
         embeds[vis_rows.to(a.device)] = vt.embeds.to(a.device, a.dtype)
         return keep, token_type, embeds
+
+    def _proxy(self, cache, pctx: PressContext, prefix: Prompt, kind: str, system: str | None) -> None:
+        """Show the encode-time presses that ask for one (`proxy`) the rows of a stand-in question
+        after the prefix, prefilled over a throwaway copy of the cache (their KV is dropped):
+        "tail" is the chat template's assistant header alone, any other text a question."""
+        presses = [p for p in self.kv_encode if getattr(p, "proxy", "") and hasattr(p, "observe")]
+        if not presses:
+            return
+        a, text = self.adapter, presses[0].proxy
+        if text == "tail":
+            ids = torch.tensor(a._tokenize(a._split_template(kind, system)[1]), dtype=torch.long)
+            pos = torch.arange(prefix.next_text_position, prefix.next_text_position + len(ids)).expand(a.pos_dims, -1)
+        else:
+            suf = a.suffix(text, kind, prefix.next_text_position, system)
+            ids, pos = suf.ids, suf.positions
+        saved, pctx.positions = pctx.positions, torch.cat([pctx.positions, pos], 1)
+        observers = [functools.partial(p.observe, ctx=pctx) for p in presses]
+        with forward_context(cache=cache.clone(), base=self.base_attn, observers=observers) as fctx:
+            a.text_model(inputs_embeds=a.embed(ids)[None], position_ids=a.model_positions(pos.to(a.device)),
+                         use_cache=True, **{a.cache_kwarg: fctx.cache})
+        pctx.positions = saved
 
     # ------------------------------------------------------------------ prefill and decode
     def _prefill(self, cache, embeds, positions, pctx: PressContext, report, last_logits=True, record=0):
@@ -387,18 +416,19 @@ class Pipeline:
                     token_type = pctx.token_type
                     logits = self._prefill(cache, embeds, positions, pctx, report)
                 else:
+                    all_positions = torch.cat([encoded.prefix.positions[:, encoded.keep], positions], 1)
                     if encoded.deferred:
                         cache = CompressedCache(a.num_layers)
                         cache.set_fused(True)
                         embeds = torch.cat([encoded.embeds, q_emb])
-                        positions = torch.cat([encoded.prefix.positions[:, encoded.keep], positions], 1)
+                        positions = all_positions
                     else:
                         cache = encoded.cache.clone() if (reuse or session is not None) else encoded.cache
                         embeds = q_emb
                     token_type = torch.cat([encoded.token_type, torch.full((len(ids),), TEXT, dtype=torch.int8)])
                     start = encoded.prefix_len
                     pctx = self._press_ctx(token_type, question=(start, start + len(ids)), question_embeds=q_emb,
-                                           visual_embeds=encoded.visual.embeds)
+                                           visual_embeds=encoded.visual.embeds, positions=all_positions)
                     pctx.stats.update(encoded.prefill_state.get("stats", {}))
                     pctx.state.update(encoded.prefill_state.get("state", {}))
                     record = len(ids) if any(p.query_aware for p in self.kv_ask) else 0

@@ -36,22 +36,22 @@ def test_long_bench_contract_and_resume(tiny_dir, tmp_path, protocol, capsys):
 
     out = tmp_path / "r.json"
     args = ["bench", "quality", "--task", "long", "--model", tiny_dir["qwen2_vl"], "--frames", "96", "--n", "2",
-            "--protocol", protocol, "--recipes", "none;kivi:2;lookm;pvc:ratio=0.5", "--data-dir",
+            "--protocol", protocol, "--recipes", "none;kivi:2;vidkv;pvc:ratio=0.5", "--data-dir",
             str(tmp_path / "data"), "--json", str(out), "--no-progress"]
     assert main(args) == 0
     res = json.load(open(out))
-    assert [r["recipe"] for r in res] == ["none", "kivi:2", "lookm", "pvc:ratio=0.5"]
+    assert [r["recipe"] for r in res] == ["none", "kivi:2", "vidkv", "pvc:ratio=0.5"]
     for r in res:
         assert KEYS <= set(r) and r["protocol"] == protocol and r["task"] == "long" and r["frames"] == 96
-    none, kivi, lookm, pvc = res
+    none, kivi, vidkv, pvc = res
     assert none["n"] == 6 and none["delta"] == 0 and none["ci_low"] == none["ci_high"] == 0
     assert none["kv_bytes_ratio"] == pytest.approx(1.0) and none["visual_kept_fraction"] == 1.0
     assert pvc["visual_kept_fraction"] <= 0.5 and pvc["kv_bytes_ratio"] < 1
     assert kivi["kv_bytes_ratio"] < 1
-    if protocol == "encode":   # LOOK-M needs the question: marked, not scored
-        assert lookm["skipped"] and "lookm" in lookm["skipped"] and lookm["accuracy"] is None
+    if protocol == "encode":   # VidKV's STP needs the question: marked, not scored
+        assert vidkv["skipped"] and "vidkv" in vidkv["skipped"] and vidkv["accuracy"] is None
     else:
-        assert lookm["skipped"] is None and lookm["n"] == 6
+        assert vidkv["skipped"] is None and vidkv["n"] == 6
     records = open(str(out) + ".records.jsonl").read().splitlines()
     assert len(records) == 2 * (3 if protocol == "encode" else 4)
     assert main(args) == 0                                              # resumed: nothing recomputed

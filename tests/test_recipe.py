@@ -89,7 +89,8 @@ def test_stage_info_lists_every_stage_once():
         Recipe.parse(d["name"])  # every listed name parses
     by = {d["name"]: d for d in info}
     assert by["kivi"]["params"]["bits"] == 2 and by["kivi"]["main"] == "bits"
-    assert by["lookm"]["needs_question"] is True and by["kivi"]["needs_question"] is False
+    assert by["vidkv"]["needs_question"] is True and by["kivi"]["needs_question"] is False
+    assert by["lookm"]["needs_question"] is False  # before the question: its text prior, else observed attention
     assert by["zipvl"]["needs_question"] is False  # query_aware is a parameter, off by default
     assert "sink" not in by and "look-m" not in by  # aliases are not stages of their own
 

@@ -579,6 +579,9 @@ def test_streaming_memory_does_not_grow_with_video_length(tiny_dir, tmp_path):
     trace = r["chunk_rss_mib"]
     assert len(trace) == 4 * n // chunk and r["frames"] == 4 * n
     raw_growth = 3 * n * side * side * 3 / 2**20                   # MiB of decoded frames between N and 4N
-    growth = max(trace) - max(trace[: n // chunk])
+    # a leak shows in the last quarter's typical level; one transient spike (an allocator arena
+    # grown while the machine is busy) does not, so the median there, not the maximum
+    q = n // chunk
+    growth = float(np.median(trace[-q:])) - max(trace[:q])
     assert growth < 0.25 * raw_growth, (growth, raw_growth, trace)
     assert r["visual_kept"] < r["visual_in"] / 2

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 
@@ -28,6 +28,10 @@ class PressContext:
     compress:   True at the point where KV compression happens (after the question's prefill by
                 default; after the prefix's with compress_at="encode"); prefill policies that
                 compress the cache in `end()` check it.
+    positions:  [P, L] model positions of the prompt by sequence index (P = 3 for M-RoPE), so
+                scorers can un-rotate observed queries and rotate future ones; None outside the pipeline.
+    rotary:     positions [P, m] -> (cos, sin) [m, D] fp32: the model's own rotary embedding
+                (transformers' rotate-half layout); None outside the pipeline.
     """
 
     token_type: torch.Tensor
@@ -42,6 +46,8 @@ class PressContext:
     state: dict = field(default_factory=dict)
     phase: str = "ask"
     compress: bool = True
+    positions: torch.Tensor | None = None
+    rotary: Callable | None = None
 
     @property
     def scaling(self) -> float:
@@ -56,6 +62,14 @@ class KVPress(Stage):
     kind: ClassVar[str] = "kv"
     query_aware: ClassVar[bool] = False  # needs the question in the cache and its query rows
     quantizes: ClassVar[bool] = False    # stores low-bit data (must be the last KV press)
+    # True when the press cannot run before the question (`mmkv info --json` reads it). A class
+    # that does not set it gets its own `query_aware`.
+    needs_question: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if "needs_question" not in cls.__dict__:
+            cls.needs_question = bool(getattr(cls, "query_aware", False))
 
     def compress(self, cache, ctx: PressContext) -> None:
         raise NotImplementedError

@@ -166,7 +166,8 @@ class KVLayer(CacheLayerMixin):
         """Bytes of the position bookkeeping (int32 per stored entry and head)."""
         if not self.is_initialized:
             return 0
-        return distinct_nbytes([self.pos] + [s.pos for s in self.segments])
+        # a ragged segment stores its positions flat (its `pos` is a padded table made on demand)
+        return distinct_nbytes([self.pos] + [getattr(s, "flat_pos", s.pos) for s in self.segments])
 
     def bytes_by_class(self) -> dict[str, int]:
         """nbytes split by precision class (a shared tensor counts in the first class holding it)."""

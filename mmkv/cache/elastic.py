@@ -53,8 +53,11 @@ import torch
 
 from ..stages import check, register
 from .base import KVPress
+from .importance import ObservedImportance, StateSlice, make_importance
 from .scores import (accumulate, attention_received, entry_scores, gather_entries, key_positions, observed_layers,
                      sequence_order)
+
+SCORES = ("sum", "observed", "window", "expected", "text")
 
 
 def evict_count(held: int, seen: int, ratio: float) -> int:
@@ -81,8 +84,15 @@ def elastic_select(scores: torch.Tensor, pos: torch.Tensor, start_size: int, f: 
     kept = order[~drop_sorted].view(h, -1)
     anchor_mask = (~drop & ~protected).gather(1, order)
     anchors = order[anchor_mask].view(h, -1)                              # [H, A] in sequence order
-    a_pos = pos.long().gather(1, anchors)                                # sorted per head
-    e_pos = pos.long().gather(1, evicted)
+    return kept, evicted, nearest_anchor(pos, anchors, evicted)
+
+
+def nearest_anchor(pos: torch.Tensor, anchors: torch.Tensor, evicted: torch.Tensor) -> torch.Tensor:
+    """Elastic Cache's anchor assignment. pos [H, n] sequence index per entry; anchors [H, A]
+    entry indices in increasing sequence order; evicted [H, E] entry indices. Returns [H, E]: the
+    anchor nearest in sequence to each evicted entry (ties: the earlier one)."""
+    a_pos = pos.long().gather(1, anchors.long())                         # sorted per head
+    e_pos = pos.long().gather(1, evicted.long())
     r = torch.searchsorted(a_pos, e_pos)                                 # first anchor at or after
     a = a_pos.shape[1]
     left = (r - 1).clamp(0, a - 1)
@@ -90,8 +100,7 @@ def elastic_select(scores: torch.Tensor, pos: torch.Tensor, start_size: int, f: 
     d_left = (e_pos - a_pos.gather(1, left)).abs()
     d_right = (a_pos.gather(1, right) - e_pos).abs()
     use_left = (r > 0) & ((d_left <= d_right) | (r >= a))
-    anchor = anchors.gather(1, torch.where(use_left, left, right))
-    return kept, evicted, anchor
+    return anchors.gather(1, torch.where(use_left, left, right))
 
 
 def elastic_merge(keys: torch.Tensor, values: torch.Tensor, kept: torch.Tensor, evicted: torch.Tensor,
@@ -129,10 +138,17 @@ class ElasticCache(KVPress):
     start_size: int = 1
     distance: int = -25
     decode: bool = True
+    score: str = "sum"
+    probes: int = 0
 
     def validate(self):
         check(0 < self.ratio < 1, f"elastic: ratio (fraction evicted) must be in (0, 1), got {self.ratio}")
         check(self.start_size >= 0, f"elastic: start_size must be >= 0, got {self.start_size}")
+        check(self.score in SCORES, f"elastic: score must be one of {', '.join(SCORES)}, got {self.score!r}")
+        check(self.probes >= 0, f"elastic: probes must be >= 0 (0 = every row), got {self.probes}")
+
+    def _importance(self):
+        return make_importance(self.score, probes=self.probes)
 
     def _key(self, *k):
         return (self.name, *k)
@@ -140,18 +156,41 @@ class ElasticCache(KVPress):
     def observe(self, idx, layer, query, key, value, scaling, q_start, ctx):
         if ctx.state.get(self._key("p", idx)) is not None:
             return  # already compressed (compress_at="encode"): later prompt rows are not used
+        if self.score != "sum":
+            return self._importance().observe(StateSlice(ctx.state, self.name), idx, layer, query, key, value,
+                                              scaling, q_start, ctx)
         kpos = key_positions(layer, key)
         qpos = torch.arange(q_start, q_start + query.shape[2], device=query.device)
-        got = attention_received(query, key, kpos, qpos, scaling) / query.shape[1]  # mean over heads
+        rows = ObservedImportance(probes=self.probes).rows(query.shape[2], q_start, query.device)
+        got = attention_received(query, key, kpos, qpos, scaling, rows) / query.shape[1]  # mean over heads
         ctx.state[self._key("scores", idx)] = accumulate(ctx.state.get(self._key("scores", idx)), got, kpos,
                                                           layer.seen)
 
+    def _layers(self, cache, ctx):
+        """(idx, layer, [H, n] scores, the same for every head) of the layers to compress."""
+        if self.score == "sum":
+            for idx, layer, acc in observed_layers(cache, ctx, "elastic", lambda i: self._key("scores", i)):
+                yield idx, layer, entry_scores(acc.sum(0, keepdim=True), layer.pos)
+            return
+        st, imp = StateSlice(ctx.state, self.name), self._importance()
+        for idx, layer in enumerate(cache.layers):
+            if not layer.is_initialized or layer.residual_len == 0:
+                continue
+            if layer.segments:
+                raise RuntimeError("elastic runs before quantization; put it before the quantizing press")
+            if not imp.ready(st, idx):
+                raise RuntimeError(f"elastic: no attention statistics were gathered for layer {idx}; it needs the "
+                                   "pipeline's prefill (observe) before compress")
+            sc = imp.scores(st, idx, layer, ctx)[0]                       # [H, n] per head
+            tok = torch.zeros(int(layer.pos.max()) + 1, device=sc.device).scatter_add(
+                0, layer.pos.reshape(-1).long().to(sc.device), sc.float().reshape(-1))
+            yield idx, layer, tok[layer.pos.long().to(sc.device)]        # summed over heads, per token
+
     def compress(self, cache, ctx) -> None:
         held_total = kept_total = 0
-        for idx, layer, acc in observed_layers(cache, ctx, "elastic", lambda i: self._key("scores", i)):
+        for idx, layer, scores in self._layers(cache, ctx):
             pos = layer.pos
             h, n = pos.shape
-            scores = entry_scores(acc.sum(0, keepdim=True), pos)         # [H, n], the same per token
             candidates = n - min(n, self.start_size) - 1
             f = min(evict_count(n, layer.seen, self.ratio), max(0, candidates - 1))
             held_total += n

@@ -54,10 +54,11 @@ import torch.nn.functional as F
 
 from ..stages import check, register
 from .base import TEXT, KVPress
-from .scores import (accumulate, attention_received, entry_scores, gather_entries, key_positions, observed_layers,
-                     sequence_order)
+from .importance import Importance, StateSlice, make_importance
+from .scores import accumulate, attention_received, entry_scores, gather_entries, key_positions, sequence_order
 
 VARIANTS = ("pivotal", "averaged", "weighted", "none")
+SCORE_CHOICES = ("text", "observed", "window", "expected")
 SIM_ELEMENTS = 1 << 24  # similarity elements per block when matching evicted to kept keys
 
 
@@ -158,21 +159,29 @@ def gather_pivots(x: torch.Tensor, piv: torch.Tensor) -> torch.Tensor:
 class LOOKM(KVPress):
     """LOOK-M: text-prior KV eviction, evicted keys merged into similar kept keys (arXiv 2406.18139).
 
-    Defaults: hh_ratio=0.1 important + recent_ratio=0.1 recent entries per head (20% kept), all
-    text tokens kept, merge="pivotal" (or "averaged", "weighted", "none"), probe="text" (importance
-    from the text query rows; "all" sums every prompt row, as the official code). See the module
-    docstring for the algorithm and the deviations from the official code.
+    Defaults: hh_ratio=0.1 important + recent_ratio=0.1 recent entries per head (20% kept), or
+    `ratio` (fraction evicted; the kept share split evenly between the two); all text tokens kept,
+    merge="pivotal" (or "averaged", "weighted", "none"), probe="text" (importance from the text
+    query rows; "all" sums every prompt row, as the official code). score="text" is that prior;
+    "observed", "window" or "expected" ranks the visual entries by another importance (see
+    importance.py). Before the question (compress_at="encode") the text rows are the prompt's
+    text before the question; when no text row can see the media, observed attention is used.
+    See the module docstring for the algorithm and the deviations from the official code.
     """
 
     name: ClassVar[str] = "lookm"
     aliases: ClassVar[tuple[str, ...]] = ("look-m", "look_m")
     main: ClassVar[str] = "merge"
-    query_aware: ClassVar[bool] = True
+    needs_question: ClassVar[bool] = False
 
     merge: str = "pivotal"
     hh_ratio: float = 0.1
     recent_ratio: float = 0.1
     probe: str = "text"
+    ratio: float | None = None
+    score: str = "text"
+    proxy: str = ""
+    min_text: int = 4
 
     def validate(self):
         check(self.merge in VARIANTS, f"lookm: merge must be one of {', '.join(VARIANTS)}, got {self.merge!r}")
@@ -180,16 +189,56 @@ class LOOKM(KVPress):
         check(0 <= self.recent_ratio <= 1, f"lookm: recent_ratio must be in [0, 1], got {self.recent_ratio}")
         check(0 < self.hh_ratio + self.recent_ratio, "lookm: hh_ratio + recent_ratio must be positive")
         check(self.probe in ("text", "all"), f"lookm: probe must be 'text' or 'all', got {self.probe!r}")
+        check(self.ratio is None or 0 <= self.ratio < 1,
+              f"lookm: ratio (fraction evicted) must be in [0, 1), got {self.ratio}")
+        check(self.min_text >= 0, f"lookm: min_text must be >= 0, got {self.min_text}")
+        check(self.score in SCORE_CHOICES, f"lookm: score must be one of {', '.join(SCORE_CHOICES)}, "
+                                           f"got {self.score!r}")
+
+    @property
+    def budget(self) -> tuple[float, float]:
+        """(hh_ratio, recent_ratio) in effect."""
+        if self.ratio is None:
+            return self.hh_ratio, self.recent_ratio
+        return (1 - self.ratio) / 2, (1 - self.ratio) / 2
 
     def _key(self, idx: int):
         return (self.name, "scores", idx)
 
+    def _fallback(self) -> Importance:
+        name = "observed" if self.score == "text" else self.score
+        return make_importance(name)
+
+    def _text_sees_media(self, ctx) -> bool:
+        """Whether at least `min_text` text rows of this phase come after a media token (can see
+        the media): a template's delimiter after the video alone is no text prior."""
+        tt = ctx.token_type
+        media = (tt != TEXT).nonzero()
+        if media.numel() == 0:
+            return True
+        if self.proxy and ctx.phase == "encode":
+            return True
+        return int((tt[int(media[0]) + 1:] == TEXT).sum()) >= self.min_text
+
     def observe(self, idx, layer, query, key, value, scaling, q_start, ctx):
+        st = StateSlice(ctx.state, self.name)
+        if st.get("done"):
+            return  # already compressed (compress_at="encode")
+        if self.score == "text":
+            self._observe_text(idx, layer, query, key, scaling, q_start, ctx)
+        if self.score != "text" or (ctx.compress and not self._text_sees_media(ctx)):
+            # the fallback, only gathered in the phase that compresses without a text prior
+            self._fallback().observe(st, idx, layer, query, key, value, scaling, q_start, ctx)
+
+    def _observe_text(self, idx, layer, query, key, scaling, q_start, ctx):
         lq = query.shape[2]
         rows = None
         if self.probe == "text":
             tt = ctx.token_type[q_start:q_start + lq]
             rows = (tt == TEXT).nonzero().squeeze(1)
+            extra = max(0, q_start + lq - len(ctx.token_type))  # proxy rows after the typed prompt
+            if extra:
+                rows = torch.cat([rows, torch.arange(lq - extra, lq)])
             if rows.numel() == 0:
                 return
         kpos = key_positions(layer, key)
@@ -197,19 +246,36 @@ class LOOKM(KVPress):
         got = attention_received(query, key, kpos, qpos, scaling, rows)   # [Hk, Lk]
         ctx.state[self._key(idx)] = accumulate(ctx.state.get(self._key(idx)), got, kpos, layer.seen)
 
+    def _scores(self, idx, layer, ctx):
+        acc = ctx.state.get(self._key(idx))
+        if self.score == "text" and acc is not None and self._text_sees_media(ctx):
+            return entry_scores(acc, layer.pos)
+        st = StateSlice(ctx.state, self.name)
+        imp = self._fallback()
+        if not imp.ready(st, idx):
+            raise RuntimeError(f"lookm: no attention statistics were gathered for layer {idx}; it needs the "
+                               "pipeline's prefill (observe) before compress")
+        return imp.scores(st, idx, layer, ctx)[0]
+
     def compress(self, cache, ctx) -> None:
         kept_total = held_total = 0
-        for idx, layer, acc in observed_layers(cache, ctx, "lookm", self._key):
+        hh_ratio, recent_ratio = self.budget
+        for idx, layer in enumerate(cache.layers):
+            if not layer.is_initialized or layer.residual_len == 0:
+                continue
+            if layer.segments:
+                raise RuntimeError("lookm runs before quantization; put it before the quantizing press")
             pos = layer.pos
-            scores = entry_scores(acc, pos)                               # [H, n]
+            scores = self._scores(idx, layer, ctx)                        # [H, n]
             tt = ctx.token_type.to(pos.device)
             is_text = tt[pos.long()] == TEXT
-            kept, evicted = lookm_select(scores, is_text, pos, self.hh_ratio, self.recent_ratio)
+            kept, evicted = lookm_select(scores, is_text, pos, hh_ratio, recent_ratio)
             held_total += pos.shape[1]
             kept_total += kept.shape[1]
             if evicted.shape[1] == 0:
                 continue
             k, v = lookm_merge(layer.keys, layer.values, kept, evicted, pos, self.merge)
             layer.set_residual(k, v, pos.gather(1, kept.to(pos.device)))
+        StateSlice(ctx.state, self.name)["done"] = True
         if held_total:
             ctx.stats["lookm_kept_fraction"] = kept_total / held_total

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 MAX_SCORE_ELEMENTS = 1 << 24  # fp32 score elements per block: 64 MiB (x4 on CUDA, fewer launches)
+BLOCK_ROWS = 128  # query rows per block: smaller blocks skip more of the causal triangle
 
 
 def key_positions(layer, key: torch.Tensor) -> torch.Tensor:
@@ -29,14 +30,18 @@ def key_positions(layer, key: torch.Tensor) -> torch.Tensor:
 
 def attention_received(query: torch.Tensor, key: torch.Tensor, kpos: torch.Tensor, qpos: torch.Tensor,
                        scaling: float, rows: torch.Tensor | None = None,
-                       max_elements: int | None = None) -> torch.Tensor:
+                       max_elements: int | None = None, block: int = BLOCK_ROWS) -> torch.Tensor:
     """Softmax attention each key receives, summed over query rows, batch and the query heads of
     each KV head's group.
 
     query: [B, Hq, Lq, D] post-RoPE; key: [B, Hk, Lk, D] (Hq % Hk == 0, head h reads KV head h // G);
     kpos: [Hk, Lk] sequence index of every key; qpos: [Lq] sequence index of every query;
     rows: optional [R] indices into Lq (probe rows; all rows when None).
-    Returns [Hk, Lk] fp32. Rows are processed `max_elements // (B * Hq * Lk)` at a time.
+    Returns [Hk, Lk] fp32. Rows are processed `block` at a time (fewer if a block's scores would
+    exceed `max_elements`). When the keys are in sequence order (the usual case: the layer holds
+    them as they came), each block of rows is scored only against the keys it can see, and the
+    causal mask is applied only to the keys some of its rows cannot see (a chunk's own keys): the
+    triangle, not the square, of Q K^T is computed.
     """
     if max_elements is None:
         max_elements = MAX_SCORE_ELEMENTS * (4 if query.is_cuda else 1)
@@ -50,18 +55,34 @@ def attention_received(query: torch.Tensor, key: torch.Tensor, kpos: torch.Tenso
     kpos = kpos.to(query.device)
     lq = query.shape[2]
     out = torch.zeros(hk, lk, dtype=torch.float32, device=query.device)
-    if lq == 0:
+    if lq == 0 or lk == 0:
         return out
+    ordered = lk == 1 or bool((kpos[:, 1:] >= kpos[:, :-1]).all())
+    if ordered:
+        kpos = kpos.contiguous()
+    if ordered and lq > 1 and not bool((qpos[1:] >= qpos[:-1]).all()):
+        qpos, perm = qpos.sort()
+        query = query[:, :, perm]
     kt = key.float().transpose(-1, -2)                                   # [B, Hk, D, Lk]
-    step = max(1, max_elements // max(1, b * hq * lk))
+    step = max(1, min(block, max_elements // max(1, b * hq * lk)))
     for s in range(0, lq, step):
         e = min(lq, s + step)
         r = e - s
+        qp = qpos[s:e]
+        if ordered:
+            lo, hi = qp[:1].expand(hk, 1).contiguous(), qp[-1:].expand(hk, 1).contiguous()
+            end = int(torch.searchsorted(kpos, hi, right=True).max())     # keys any row of the block sees
+            c0 = int(torch.searchsorted(kpos, lo, right=True).min())      # keys every row sees
+        else:
+            end, c0 = lk, 0
+        if end == 0:
+            continue
         q = query[:, :, s:e].float().reshape(b, hk, g * r, d)            # [B, Hk, G*r, D]
-        sc = (torch.matmul(q, kt) * scaling).view(b, hk, g, r, lk)       # [B, Hk, G, r, Lk]
-        visible = kpos[None, :, None, None, :] <= qpos[s:e][None, None, None, :, None]
-        sc = sc.masked_fill(~visible, float("-inf"))
-        out = out + sc.softmax(-1).sum((0, 2, 3))                        # [Hk, Lk]
+        sc = torch.matmul(q, kt[..., :end]).mul_(scaling).view(b, hk, g, r, end)  # [B, Hk, G, r, end]
+        if c0 < end:
+            hidden = kpos[None, :, None, None, c0:end] > qp[None, None, None, :, None]
+            sc[..., c0:end].masked_fill_(hidden, float("-inf"))
+        out[:, :end] += sc.softmax(-1).sum((0, 2, 3))                    # [Hk, end]
     return out
 
 

@@ -12,7 +12,8 @@ Two counts, which must agree (DESIGN.md invariant 4; tests/test_bytes.py checks 
   the two counts differ; so do tensors held but not declared (an attribute cache).
 
 `data_tensors(obj)` lists the tensors a segment declares as its stored data: the tensors in its
-dataclass fields, recursively, except the bookkeeping fields in `INDEX_FIELDS` (positions).
+dataclass fields, recursively, except the bookkeeping fields in `INDEX_FIELDS` (positions); a
+segment that is not a dataclass declares them with a `stored_tensors()` method (RaggedSegment).
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ def data_tensors(obj) -> Iterator[torch.Tensor]:
     elif isinstance(obj, (list, tuple)):
         for x in obj:
             yield from data_tensors(x)
+    elif hasattr(obj, "stored_tensors"):
+        yield from obj.stored_tensors()
     elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         for f in dataclasses.fields(obj):
             if f.name not in INDEX_FIELDS:
