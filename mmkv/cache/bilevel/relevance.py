@@ -5,15 +5,18 @@ header), post-RoPE at their original positions, as layer l computes them; everyt
 reads is on the device (nothing offloaded is touched to decide what to reload). Each rule
 returns one score per chunk; query head h reads KV head h // G (GQA).
 
-- "attn" (default): the softmax attention of the question's queries over the sparse level of
+- "attn": the softmax attention of the question's queries over the sparse level of
   every chunk (all chunks' sparse entries together), summed per chunk, averaged over query rows
   and heads. Position-correct (both sides carry their RoPE), and it reads what the question
   itself would attend to among the video's device-resident entries; no extra storage.
-- "quest": Quest's bound (Tang et al., arXiv 2406.10774): per chunk and KV head the element-wise
-  max and min of all the chunk's keys (kept on the device, 2 x D values per chunk and head);
+- "quest" (default): Quest's bound (Tang et al., arXiv 2406.10774): per chunk and KV head the
+  element-wise max and min of all the chunk's keys, dense level included (kept on the device in
+  the keys' dtype, 2 x D values per chunk and head: 2 / tokens-per-chunk of the chunk's keys);
   U = sum_d max(q_d max_d, q_d min_d) >= q . k for every key of the chunk. Softmax of U * scaling
   over the chunks, averaged over rows and heads (Quest picks pages per head and per query;
-  a layer here picks one set of chunks for all heads, hence the average).
+  a layer here picks one set of chunks for all heads, hence the average). Measured best of the
+  three on the bundled model (docs/bilevel.md): it sees every key of the chunk, where "attn"
+  sees only the few the sparse level kept.
 - "mean": ReKV (Di et al., arXiv 2503.00540): the mean query of the question against the mean
   key of each chunk, concatenated over heads (a raw dot product, as ReKV's code). ReKV means
   pre-RoPE vectors; the cache holds post-RoPE keys, so here both are post-RoPE (their low
@@ -35,10 +38,9 @@ def summarize(rule: str, keys: torch.Tensor) -> torch.Tensor | None:
     """What `rule` keeps on the device for one chunk, from its keys [B, H, n, D]:
     quest: [H, 2, D] (max, min); mean: [H, 1, D]; attn: nothing."""
     if rule == "quest":
-        k = keys.float()
-        return torch.stack([k.amax((0, 2)), k.amin((0, 2))], 1)
+        return torch.stack([keys.amax((0, 2)), keys.amin((0, 2))], 1)   # exact values: the keys' dtype
     if rule == "mean":
-        return keys.float().mean((0, 2)).unsqueeze(1)
+        return keys.float().mean((0, 2)).unsqueeze(1).to(keys.dtype)
     return None
 
 

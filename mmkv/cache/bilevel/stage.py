@@ -28,7 +28,8 @@ continues after the uncompressed prompt).
 Defaults: frames=16 (Video-XL-2's chunk of 4 groups of 4 frames; research brief §9), keep=0.05 and
 budget=0.05 (the device holds the text, 5% of the video's entries as sparse levels, and at most
 5% more brought back per question: ~10% of the uncompressed KV during decoding), sparse="attn",
-score="attn", cross="sparse", offload="cpu".
+score="quest" (both measured best of their alternatives, docs/bilevel.md), cross="sparse",
+offload="cpu".
 
 Deviations from Video-XL-2 (the paper and its released evaluation code), and why:
 - Training-free on the supported models, so no chunk window or global timestamp tokens: a chunk
@@ -101,7 +102,7 @@ class BiLevel(KVPress):
     chunk's visual entries (<= 1) or entries per layer for the whole video (> 1). budget: entries
     brought back dense per question and layer, a fraction of the video's visual entries (<= 1;
     1 = every chunk) or a count (> 1); budget_mib > 0 replaces it by MiB per question (all layers).
-    sparse: attn | norm | uniform | a KV stage with entry_scores. score: attn | quest | mean.
+    sparse: attn | norm | uniform | a KV stage with entry_scores. score: quest | attn | mean.
     cross: sparse | dense (reference). offload: cpu | disk (dir: where the file goes).
     ends: always bring back the first and last chunk first. Module docstring: details, deviations.
     """
@@ -115,7 +116,7 @@ class BiLevel(KVPress):
     keep: float = 0.05
     frames: int = 16
     sparse: str = "attn"
-    score: str = "attn"
+    score: str = "quest"
     cross: str = "sparse"
     offload: str = "cpu"
     dir: str = ""
