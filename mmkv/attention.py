@@ -13,8 +13,9 @@ masking is rebuilt here from shapes (bottom-right aligned: all cached entries pr
 queries). That stays right when layers hold different numbers of entries after eviction,
 which a single model-wide mask cannot express. Batch size 1, no padding.
 
-It can also record the post-RoPE query states of the last `record_queries` tokens of every
-layer, and calls `observers` on every prefill chunk with the chunk's queries and all keys the
+Before routing, `prepare` hooks may change the layer's parts (bi-level KV brings a question's
+chunks back here, from that layer's queries). It can also record the post-RoPE query states of
+the last `record_queries` tokens of every layer, and calls `observers` on every prefill chunk with the chunk's queries and all keys the
 layer holds (full precision), so presses can accumulate attention statistics block by block
 (probe rows, attention received) without ever forming an [L, L] matrix.
 """

@@ -285,3 +285,32 @@ def test_info_names_video_xl_2():
 
     doc = dict(available()["kv"])["bilevel"]
     assert "Video-XL-2" in doc
+
+
+def test_device_bytes_flat_in_video_length(pipes):
+    """keep and budget as counts: the device holds the same bytes for a video twice as long
+    (up to the relevance summaries, one per chunk), the offloaded level doubles."""
+    pipe = pipes["qwen2_vl"].with_recipe("bilevel:32,keep=32,frames=4,score=attn")
+    a = pipe.adapter
+    entry = 2 * a.num_layers * a.num_kv_heads * a.head_dim * a.dtype.itemsize    # bytes of one entry, all layers
+    got = []
+    for n in (16, 32):
+        enc = pipe.encode(frames_for("qwen2_vl", n=n, seed=15))
+        r = pipe.ask(enc, Q, max_new_tokens=1)
+        question = (r.stats.prompt_tokens - enc.prefix_len) * entry
+        got.append((enc.cache.nbytes(), r.stats.kv_bytes - question, r.stats.extra["bilevel_offloaded_bytes"]))
+    (e1, a1, o1), (e2, a2, o2) = got
+    assert e1 == e2                                      # the encoding: text + 32 sparse entries per layer
+    assert e1 < a1 <= e1 + 32 * entry and e2 < a2 <= e2 + 32 * entry   # + at most the budget
+    assert o2 > 1.9 * o1
+
+
+def test_an_image_stays_whole(pipes):
+    import numpy as np
+    from PIL import Image
+
+    image = Image.fromarray(np.random.default_rng(16).integers(0, 256, (100, 150, 3), dtype=np.uint8))
+    for fam in ("qwen2_vl", "llava_onevision"):
+        ref = pipes[fam].generate(image, Q, max_new_tokens=5)
+        res = pipes[fam].with_recipe("bilevel").generate(image, Q, max_new_tokens=5)
+        assert res.tokens == ref.tokens and res.stats.extra["bilevel_chunks"] == 0

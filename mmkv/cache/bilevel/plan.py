@@ -55,9 +55,17 @@ class ChunkPlan:
         return [min(n, max(1, round(amount * n / total))) for n in sizes]
 
 
+def empty_plan(frames: int) -> ChunkPlan:
+    """No chunks (an image: it stays whole, in full precision on the device)."""
+    none = torch.zeros(0, dtype=torch.long)
+    return ChunkPlan(none, none.clone(), [], [], frames)
+
+
 def plan_chunks(token_type: torch.Tensor, visual, frames: int, temporal_patch: int) -> ChunkPlan:
     """The chunks of `visual` (VisualTokens, in sequence order) placed at the non-text rows of
-    `token_type` [L] (the kept prefix sequence)."""
+    `token_type` [L] (the kept prefix sequence). An image has none."""
+    if visual.kind != "video":
+        return empty_plan(frames)
     rows = (token_type != TEXT).nonzero().squeeze(1)
     if rows.numel() != visual.num:
         raise RuntimeError(f"{rows.numel()} visual rows in the sequence for {visual.num} visual tokens")

@@ -20,7 +20,7 @@ def chunk_usage(obj) -> list[dict]:
     """Per chunk: {"chunk", "start_s", "end_s", "layers" (that brought it back), "fraction"}."""
     ex = _extra(obj)
     spans = ex.get("bilevel_chunk_spans")
-    if not spans:
+    if spans is None:
         raise ValueError("no bi-level statistics here: answer with a 'bilevel' recipe first")
     chosen = ex.get("bilevel_chosen") or []
     n_layers = max(1, len(chosen))
@@ -40,6 +40,8 @@ def _fmt(t: float) -> str:
 def chunks_html(obj, height: int = 28) -> str:
     """An HTML strip of the chunks (see module docstring); hover a cell for its time span."""
     rows = chunk_usage(obj)
+    if not rows:
+        return '<div class="mmkv-bilevel" style="font:12px sans-serif">no chunks (an image stays whole)</div>'
     total = max(1e-9, sum(max(r["end_s"] - r["start_s"], 1e-9) for r in rows))
     cells = []
     for r in rows:
@@ -66,6 +68,8 @@ def chunks_image(obj, width: int = 800, height: int = 40):
     rows = chunk_usage(obj)
     img = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(img)
+    if not rows:
+        return img
     t0, t1 = rows[0]["start_s"], rows[-1]["end_s"]
     span = max(1e-9, t1 - t0)
     for r in rows:

@@ -259,7 +259,7 @@ class BiLevel(KVPress):
         question's chunks from its queries and put their complements into the layer."""
         enc = ctx.state.get((KEY,))
         q = ctx.question
-        if enc is None or not enc.done or q is None:
+        if enc is None or not enc.done or q is None or enc.plan.n == 0:
             return
         lo, hi = max(q[0], q_start), min(q[1], q_start + query.shape[2])
         if lo >= hi or ctx.state.get((KEY, "asked", idx)) == q:
@@ -268,7 +268,7 @@ class BiLevel(KVPress):
         if ctx.state.get((KEY, "question")) != q:                            # first layer of a new question
             ctx.state[(KEY, "question")] = q
             ctx.stats.update(bilevel_chosen=[[] for _ in range(enc.num_layers)], bilevel_reloaded_bytes=0,
-                             bilevel_reloaded_tokens=0, bilevel_reload_s=0.0)
+                             bilevel_reloaded_tokens=0, bilevel_reload_s=0.0, bilevel_brought_back=[])
         qrows = query[:, :, lo - q_start:hi - q_start]
         rel = self._relevance(enc, idx, qrows, scaling)
         chosen = choose(rel, *self._costs(enc, idx), ends=self.ends)
@@ -286,6 +286,7 @@ class BiLevel(KVPress):
         st["bilevel_reloaded_bytes"] += sum(enc.dense_bytes[idx][c] for c in chosen)
         st["bilevel_reloaded_tokens"] += sum(int(enc.plan.sizes[c]) - enc.keep[c] for c in chosen)
         st["bilevel_chosen"][idx] = chosen
+        st["bilevel_brought_back"] = sorted(set(st["bilevel_brought_back"]) | set(chosen))  # in any layer
 
     def _costs(self, enc: Encoding, idx: int) -> tuple[list[float], float]:
         """(cost of bringing back each chunk, budget) in entries, or in bytes with budget_mib."""
