@@ -13,8 +13,9 @@ masking is rebuilt here from shapes (bottom-right aligned: all cached entries pr
 queries). That stays right when layers hold different numbers of entries after eviction,
 which a single model-wide mask cannot express. Batch size 1, no padding.
 
-It can also record the post-RoPE query states of the last `record_queries` tokens of every
-layer, and calls `observers` on every prefill chunk with the chunk's queries and all keys the
+Before routing, `prepare` hooks may change the layer's parts (bi-level KV brings a question's
+chunks back here, from that layer's queries). It can also record the post-RoPE query states of
+the last `record_queries` tokens of every layer, and calls `observers` on every prefill chunk with the chunk's queries and all keys the
 layer holds (full precision), so presses can accumulate attention statistics block by block
 (probe rows, attention received) without ever forming an [L, L] matrix.
 """
@@ -45,6 +46,7 @@ class ForwardContext:
     record_queries: int = 0         # keep query rows of the last n tokens per layer
     queries: dict = field(default_factory=dict)  # layer_idx -> [B, Hq, n, D]
     observers: list = field(default_factory=list)  # fn(idx, layer, query, key, value, scaling, q_start)
+    prepare: list = field(default_factory=list)    # fn(idx, layer, query, scaling, q_start): may change the layer's parts
     state: dict = field(default_factory=dict)    # free slot for policies (per-layer records)
 
 
@@ -111,6 +113,10 @@ def mmkv_attention(module, query, key, value, attention_mask, scaling=None, drop
     layer_idx = module.layer_idx
     if ctx.record_queries:
         ctx.queries[layer_idx] = query[:, :, -ctx.record_queries:]
+    if ctx.prepare and ctx.cache is not None:  # e.g. bi-level KV brings chunks back before the layer attends
+        layer = ctx.cache.layers[layer_idx]
+        for fn in ctx.prepare:
+            fn(layer_idx, layer, query, scaling, layer.seen - query.shape[2])
     if ctx.observers and ctx.cache is not None:
         layer = ctx.cache.layers[layer_idx]
         q_start = layer.seen - query.shape[2]  # sequence index of the first query of this chunk

@@ -143,6 +143,10 @@ class Pipeline:
             self.kv_encode, self.kv_ask = kv[:first_qa], kv[first_qa:]
         else:
             self.kv_encode, self.kv_ask = [], kv
+        # bi-level KV (Video-XL-2, mmkv.cache.bilevel): chunks the prefix prefill, reloads per question
+        self.bilevel = next((p for p in kv if getattr(p, "bilevel", False)), None)
+        if self.bilevel is not None:
+            self.bilevel.check_recipe(r, self.defer_prefill)
 
     def _maker(self, deferred: bool) -> dict:
         """What an encoding made by this pipeline depends on (checked by ask)."""
@@ -222,6 +226,8 @@ class Pipeline:
                     cache.set_fused(True)
                     pctx = self._press_ctx(token_type, visual_embeds=vt.embeds, phase="encode",
                                            compress=self.compress_at == "encode", positions=prefix.positions[:, keep])
+                    if self.bilevel is not None:
+                        self.bilevel.begin(pctx, vt, a, self.recipe)
                     self._prefill(cache, embeds, prefix.positions[:, keep], pctx, report, last_logits=False)
                     self._proxy(cache, pctx, prefix, vt.kind, system)
                     for p in self.kv_encode:
@@ -330,14 +336,18 @@ class Pipeline:
         n = embeds.shape[0]
         hidden = None
         observers = [functools.partial(p.observe, ctx=pctx) for p in self.recipe.kv if hasattr(p, "observe")]
+        bl, base = self.bilevel, cache.seen  # bi-level: slices end at chunk boundaries, sealed after each
+        cuts = [c - base for c in bl.cuts(pctx)] if bl is not None else []
+        prepare = [functools.partial(bl.prepare, ctx=pctx)] if bl is not None else []
         with forward_context(cache=cache, base=self.base_attn, policy=policy, record_queries=record,
-                             observers=observers) as fctx:
-            for s in range(0, n, self.prefill_chunk):
-                e = min(n, s + self.prefill_chunk)
+                             observers=observers, prepare=prepare) as fctx:
+            for s, e in _slices(n, self.prefill_chunk, cuts):
                 fctx.record_queries = min(record, e - s) if record and e == n else 0
                 out = a.text_model(inputs_embeds=embeds[None, s:e], position_ids=a.model_positions(
                     positions[:, s:e].to(a.device)), use_cache=True, **{a.cache_kwarg: cache})
                 hidden = out.last_hidden_state[:, -1]
+                if bl is not None:
+                    bl.after_forward(cache, pctx, base + e, e == n)
                 report("prefill", e, n)
             pctx.queries = dict(fctx.queries)
         if policy is not None:
@@ -510,7 +520,7 @@ class Pipeline:
         # one question: prefill the whole prompt in one pass (as plain generate does), unless the
         # prefix must be compressed on its own first (compress_at="encode")
         enc = self.encode(video, frames=frames, fps=fps, max_frames=max_frames, video_fps=video_fps, system=system,
-                          progress=progress, prefill=bool(self.kv_encode))
+                          progress=progress, prefill=bool(self.kv_encode) or self.bilevel is not None)
         return self.ask(enc, question, reuse=False, progress=progress, **ask_kwargs)
 
     def _check_context(self, token_type: torch.Tensor, n_more_text: int, new_tokens: int) -> None:
@@ -571,6 +581,16 @@ class Conversation:
         r = self.pipeline._ask(self.encoded, question, self._session, reuse=True, **kw)
         self.turns.append((question, r))
         return r
+
+
+def _slices(n: int, step: int, cuts=()):
+    """(start, end) prefill slices of at most `step` tokens over [0, n), ending at every cut."""
+    s = 0
+    for m in sorted({c for c in cuts if 0 < c < n} | {n}):
+        while s < m:
+            e = min(m, s + step)
+            yield s, e
+            s = e
 
 
 def _select(logits: torch.Tensor, do_sample, temperature, top_k, top_p, gen) -> int:

@@ -90,7 +90,10 @@ def _record(row, res, adapter) -> dict:
     s = res.stats
     return {"question_id": row["question_id"], "turn": row["turn"], "kind": row["task_type"],
             "answer": row["answer"], "output": res.text, "correct": int(res.text.strip() == row["answer"]),
-            "visual_in": s.visual_tokens_in, "visual_kept": s.visual_tokens_kept, "kv_bytes": s.kv_bytes,
+            "visual_in": s.visual_tokens_in, "visual_kept": s.visual_tokens_kept,
+            # device-resident bytes (bi-level: plus its relevance summaries); its offloaded level apart
+            "kv_bytes": s.kv_bytes + s.extra.get("bilevel_summary_bytes", 0),
+            "offloaded_bytes": s.extra.get("bilevel_offloaded_bytes", 0),
             "kv_bytes_uncompressed": s.kv_bytes_uncompressed, "stored_elements": _stored_elements(s, adapter),
             "prefill_s": s.prefill_s, "decode_s": s.decode_s, "new_tokens": s.new_tokens}
 
@@ -126,7 +129,7 @@ def summarize(spec: str, label: str, videos: list[dict] | None, base: list[dict]
     """One recipe's JSON object (the `mmkv bench quality --json` contract)."""
     out = {"recipe": spec, "label": label, "protocol": protocol, "task": "long", "frames": frames, "n": 0,
            "videos": 0, "accuracy": None, "delta": None, "ci_low": None, "ci_high": None,
-           "visual_kept_fraction": None, "kv_bytes_ratio": None, "bits_per_element": None,
+           "visual_kept_fraction": None, "kv_bytes_ratio": None, "offloaded_bytes_ratio": None, "bits_per_element": None,
            "prefill_s": None, "decode_s": None, "skipped": skipped}
     if skipped or not videos:
         return out
@@ -141,6 +144,8 @@ def summarize(spec: str, label: str, videos: list[dict] | None, base: list[dict]
     first = [v["questions"][0] for v in videos]   # bytes and prefill at the first answer (after compression)
     out["visual_kept_fraction"] = sum(q["visual_kept"] for q in first) / max(1, sum(q["visual_in"] for q in first))
     out["kv_bytes_ratio"] = sum(q["kv_bytes"] for q in first) / max(1, sum(q["kv_bytes_uncompressed"] for q in first))
+    out["offloaded_bytes_ratio"] = sum(q.get("offloaded_bytes", 0) for q in first) / \
+        max(1, sum(q["kv_bytes_uncompressed"] for q in first))
     out["bits_per_element"] = 8 * sum(q["kv_bytes"] for q in first) / max(1, sum(q["stored_elements"] for q in first))
     out["prefill_s"] = sum(v["prefix_prefill_s"] + v["questions"][0]["prefill_s"] for v in videos) / len(videos)
     out["decode_s"] = sum(q["decode_s"] for q in qs) / len(qs)

@@ -1,5 +1,6 @@
 """The compressed KV cache and the KV presses that fill it."""
 from .base import SEPARATOR, TEXT, VISUAL, KVPress, PressContext
+from .bilevel import BiLevel
 from .core import CompressedCache, KVLayer, QuantSegment
 from .elastic import ElasticCache
 from .evict import EvictionPress
@@ -16,4 +17,4 @@ from .vidkv import VidKV, VidKVSegment
 __all__ = ["CompressedCache", "KVLayer", "QuantSegment", "KVPress", "PressContext", "KIVI", "StreamingLLM",
            "LOOKM", "ElasticCache", "QuantTensor", "pack", "unpack", "quantize", "TEXT", "VISUAL", "SEPARATOR",
            "VidKV", "VidKVSegment", "EvictionPress", "ObservedAttention", "SnapKV", "AdaKV", "ExpectedAttention",
-           "RaggedSegment"]
+           "RaggedSegment", "BiLevel"]

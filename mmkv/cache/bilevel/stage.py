@@ -1,0 +1,320 @@
+"""Video-XL-2's chunk-based prefill and bi-level KV decoding, training-free (Qin et al.,
+"Video-XL-2: Towards Very Long-Video Understanding Through Task-Aware KV Sparsification",
+arXiv 2506.19225).
+
+Encode (query-agnostic, once per video):
+1. Chunked prefill. The visual tokens are prefilled in chunks of `frames` frames (whole temporal
+   slots). A chunk attends fully to itself and to the text before the video, and to every
+   earlier chunk through that chunk's sparse level only (`cross="sparse"`): per chunk the
+   attention reads ~keep x (tokens before it) + chunk entries instead of all of them.
+   `cross="dense"` prefills exactly as the plain model (the reference), then splits the levels.
+2. Two levels per chunk, sealed right after its prefill, per layer: the sparse level, the top
+   `keep` entries per KV head by a query-agnostic score (`sparse`, see sparse.py), stays on the
+   device; the rest of the chunk (its complement: the dense level minus the sparse entries) is
+   offloaded (`offload`: CPU memory, pinned under CUDA, or a memory-mapped file). With a
+   quantizer after this stage (e.g. "bilevel+kivi:2") both levels are stored in its packed
+   format (its own `flush`, whole groups; leftovers in full precision).
+Ask (per question, per layer, while the question is prefilled):
+3. Relevance of every chunk from the question's queries at that layer (`score`, relevance.py),
+   then the complements of the most relevant chunks within `budget` are fetched back; the
+   layer's attention for the question and every decoded token reads: the text, every chunk's
+   sparse level, and the chosen chunks' complements (= those chunks dense). One prefill of the
+   question: a layer selects from its own queries, then attends over the mix.
+The encoding is never modified: each question's mix is built in its own copy of the cache.
+
+Positions: original everywhere (keys keep the rotation of their original position; decoding
+continues after the uncompressed prompt).
+
+Defaults: frames=16 (Video-XL-2's chunk of 4 groups of 4 frames; research brief §9), keep=0.05 and
+budget=0.05 (the device holds the text, 5% of the video's entries as sparse levels, and at most
+5% more brought back per question: ~10% of the uncompressed KV during decoding), sparse="attn",
+score="quest" (both measured best of their alternatives, docs/bilevel.md), cross="sparse",
+offload="cpu".
+
+Deviations from Video-XL-2 (the paper and its released evaluation code), and why:
+- Training-free on the supported models, so no chunk window or global timestamp tokens: a chunk
+  sees all earlier chunks, through their sparse levels (Video-XL-2's prefill sees the previous
+  3 chunks densely and the others through timestamp tokens only, a mask its model is trained
+  with; its released code builds that mask densely, with no compute saving).
+- The sparse level is a subset of the chunk's entries chosen by query-agnostic importance, not
+  4x average pooling of post-RoPE keys (which mixes the rotations of different positions, and
+  under M-RoPE of different rows and columns).
+- Relevance comes from the question's own queries per layer (ReKV-style internal retrieval);
+  Video-XL-2 reads chunk choices from an external retriever's files, per benchmark category.
+- The dense level really is offloaded and only the chosen chunks come back (the released code
+  keeps the whole dense cache on the GPU and gathers from it).
+- Positions stay the original ones; Video-XL-2 re-indexes the question and decoded tokens to the
+  compressed length.
+- One question prefill (each layer selects from its own queries before its attention), where
+  Video-XL-2 prefills the question twice (once to select, once over the mix).
+- Follow-ups in a conversation re-select: each question brings back its own chunks within the
+  budget (the earlier question's chunks return to sparse; the earlier turns' tokens stay).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ...stages import check, register
+from ..base import KVPress
+from .offload import Offload
+from .parts import join, pack_level, storage_bytes
+from .plan import ChunkPlan, plan_chunks
+from .relevance import RULES, choose, relevance, summarize
+from .sparse import BUILTIN, KEY, make_scorer
+
+
+@dataclass
+class Encoding:
+    """What one encoded video's bi-level cache needs besides its device cache (kept in the press
+    context's state, shared read-only by every question)."""
+
+    plan: ChunkPlan
+    keep: list[int]                      # sparse entries per chunk (per KV head)
+    quantizer: Any
+    offload: Offload
+    scorer: Any
+    num_layers: int
+    dense: list = field(default_factory=list)        # [layer][chunk] offloaded complement segments
+    dense_bytes: list = field(default_factory=list)  # [layer][chunk] K/V bytes of each complement
+    pool: list = field(default_factory=list)         # [layer] device segments of all sparse levels
+    summary: list = field(default_factory=list)      # [layer] [H, C, 2|1, D] or None
+    chunk_summaries: list = field(default_factory=list)  # [layer] per-chunk summaries while sealing
+    sealed: int = 0                      # chunks sealed (in order), the same in every layer
+    done: bool = False
+
+    def summary_bytes(self) -> int:
+        return sum(s.nbytes for s in self.summary if s is not None)
+
+    def offloaded_bytes(self) -> int:
+        return sum(sum(row) for row in self.dense_bytes)
+
+
+@register
+@dataclass
+class BiLevel(KVPress):
+    """Video-XL-2: chunked prefill, sparse level on the device, dense offloaded, reloaded per question (arXiv 2506.19225).
+
+    frames: frames per chunk (whole temporal slots). keep: the sparse level, a fraction of each
+    chunk's visual entries (<= 1) or entries per layer for the whole video (> 1). budget: entries
+    brought back dense per question and layer, a fraction of the video's visual entries (<= 1;
+    1 = every chunk) or a count (> 1); budget_mib > 0 replaces it by MiB per question (all layers).
+    sparse: attn | norm | uniform | a KV stage with entry_scores. score: quest | attn | mean.
+    cross: sparse | dense (reference). offload: cpu | disk (dir: where the file goes).
+    ends: always bring back the first and last chunk first. Module docstring: details, deviations.
+    """
+
+    name: ClassVar[str] = "bilevel"
+    aliases: ClassVar[tuple[str, ...]] = ("videoxl2",)
+    main: ClassVar[str] = "budget"
+    bilevel: ClassVar[bool] = True  # the pipeline chunks the prefill and calls the hooks below
+
+    budget: float = 0.05
+    keep: float = 0.05
+    frames: int = 16
+    sparse: str = "attn"
+    score: str = "quest"
+    cross: str = "sparse"
+    offload: str = "cpu"
+    dir: str = ""
+    ends: bool = False
+    budget_mib: float = 0.0
+
+    def validate(self):
+        check(self.frames >= 1, f"bilevel: frames must be >= 1, got {self.frames}")
+        check(self.keep > 0, f"bilevel: keep must be positive (a fraction <= 1 or a count), got {self.keep}")
+        check(self.keep <= 1 or float(self.keep).is_integer(), f"bilevel: keep > 1 is a count, got {self.keep}")
+        check(self.budget >= 0, f"bilevel: budget must be >= 0, got {self.budget}")
+        check(self.budget <= 1 or float(self.budget).is_integer(), f"bilevel: budget > 1 is a count, got {self.budget}")
+        check(self.budget_mib >= 0, f"bilevel: budget_mib must be >= 0, got {self.budget_mib}")
+        check(self.score in RULES, f"bilevel: score must be one of {', '.join(RULES)}, got {self.score!r}")
+        check(self.cross in ("sparse", "dense"), f"bilevel: cross must be 'sparse' or 'dense', got {self.cross!r}")
+        check(self.offload in ("cpu", "disk"), f"bilevel: offload must be 'cpu' or 'disk', got {self.offload!r}")
+        if self.sparse not in BUILTIN:
+            make_scorer(self.sparse)  # raises RecipeError naming the choices
+
+    # ------------------------------------------------------------------ encode
+    def check_recipe(self, recipe, deferred: bool) -> None:
+        """The recipes this stage runs in: vision presses before it, at most a quantizing press
+        after it, no prefill policy (it owns the prefill), and a video prefilled before the question."""
+        others = [s.name for s in recipe.kv if s is not self and not getattr(s, "quantizes", False)]
+        check(not others, f"bilevel builds its own sparse level; instead of a separate KV press "
+                          f"({', '.join(others)}), name an eviction press with entry_scores as its scorer "
+                          "(bilevel:sparse=NAME), and put a quantizer after it (e.g. 'bilevel+kivi:2')")
+        check(recipe.prefill is None, f"bilevel chunks the prefill itself; it cannot run with the prefill policy "
+                                      f"{getattr(recipe.prefill, 'name', '')!r}")
+        check(not deferred, "bilevel needs the video prefilled before the question; a query-aware stage defers it")
+
+    def begin(self, ctx, visual, adapter, recipe=None) -> None:
+        """Plan the chunks of the prefix about to be prefilled (called by the pipeline)."""
+        quantizer = next((s for s in recipe.kv if getattr(s, "quantizes", False)), None) if recipe else None
+        plan = plan_chunks(ctx.token_type, visual, adapter.frames_per_chunk(self.frames), adapter.temporal_patch)
+        n_layers = adapter.num_layers
+        enc = Encoding(plan, plan.counts(self.keep), quantizer, Offload(self.offload, self.dir or None),
+                       make_scorer(self.sparse), n_layers,
+                       dense=[[None] * plan.n for _ in range(n_layers)],
+                       dense_bytes=[[0] * plan.n for _ in range(n_layers)],
+                       pool=[[] for _ in range(n_layers)], summary=[None] * n_layers,
+                       chunk_summaries=[[] for _ in range(n_layers)])
+        ctx.state[(KEY,)] = enc
+        ctx.stats.update(bilevel_chunks=plan.n, bilevel_chunk_frames=plan.frames,
+                         bilevel_chunk_spans=[list(s) for s in plan.spans],
+                         bilevel_chunk_tokens=plan.sizes.tolist(), bilevel_offload=enc.offload.kind)
+
+    def cuts(self, ctx) -> list[int]:
+        """Sequence indices where a prefill slice must end: every chunk boundary."""
+        enc = ctx.state.get((KEY,))
+        if enc is None or enc.done:
+            return []
+        return sorted(set(enc.plan.starts.tolist()) | set(enc.plan.ends.tolist()))
+
+    def observe(self, idx, layer, query, key, value, scaling, q_start, ctx) -> None:
+        enc = ctx.state.get((KEY,))
+        if enc is None or enc.done or enc.sealed >= enc.plan.n:
+            return
+        if layer.seen <= int(enc.plan.starts[enc.sealed]):
+            return  # the text before the video: no chunk entry in the layer yet
+        enc.scorer.observe(idx, layer, query, key, value, scaling, q_start, ctx)
+
+    def after_forward(self, cache, ctx, end: int, last: bool) -> None:
+        """Called after each prefill slice ending at sequence index `end` (`last`: the end of
+        this prefill call): seals the chunks that are complete (all of them at the end with
+        cross="dense")."""
+        enc = ctx.state.get((KEY,))
+        if enc is None or enc.done:
+            return
+        ends = enc.plan.ends.tolist()
+        if self.cross == "sparse":
+            upto = enc.sealed
+            while upto < enc.plan.n and ends[upto] <= end:
+                upto += 1
+        else:
+            upto = enc.plan.n if last else enc.sealed
+        if upto > enc.sealed:
+            self._seal(cache, ctx, enc, range(enc.sealed, upto))
+            enc.sealed = upto
+        if last and enc.sealed >= enc.plan.n:
+            self._finish(cache, ctx, enc)
+
+    def _seal(self, cache, ctx, enc: Encoding, chunks: range) -> None:
+        plan = enc.plan
+        for idx, layer in enumerate(cache.layers):
+            if not layer.is_initialized:
+                continue
+            pos = layer.pos[0]                                                # the tail is in sequence order
+            drop = torch.zeros_like(pos, dtype=torch.bool)
+            new_sparse = []
+            for c in chunks:
+                s, e = int(plan.starts[c]), int(plan.ends[c])
+                inside = (pos >= s) & (pos < e)
+                rows = inside.nonzero().squeeze(1)
+                if rows.numel() != e - s:
+                    raise RuntimeError(f"bilevel: layer {idx} holds {rows.numel()} of chunk {c}'s {e - s} entries "
+                                       "in full precision; another press changed the cache during the prefill")
+                drop |= inside
+                K = layer.keys.index_select(2, rows)                         # [B, H, n, D]
+                V = layer.values.index_select(2, rows)
+                P = layer.pos.index_select(1, rows)                          # [H, n]
+                n, k = e - s, enc.keep[c]
+                h = P.shape[0]
+                sel = enc.scorer.select(idx, K, V, P, k, ctx) if k < n else \
+                    torch.arange(n, device=P.device).expand(h, n)
+                rest = torch.ones(h, n, dtype=torch.bool, device=P.device).scatter_(1, sel, False)
+                comp = rest.nonzero()[:, 1].view(h, n - k)                   # [H, n - k] ascending
+                new_sparse += pack_level(_take(K, sel), _take(V, sel), P.gather(1, sel), enc.quantizer, "sparse")
+                dense = pack_level(_take(K, comp), _take(V, comp), P.gather(1, comp), enc.quantizer, "dense")
+                enc.dense_bytes[idx][c] = sum(p.nbytes for p in dense)
+                enc.dense[idx][c] = [enc.offload.put(p) for p in dense]
+                summ = summarize(self.score, K)
+                if summ is not None:
+                    enc.chunk_summaries[idx].append(summ)
+            keep_rows = (~drop).nonzero().squeeze(1)
+            layer.set_residual(layer.keys.index_select(2, keep_rows), layer.values.index_select(2, keep_rows),
+                               layer.pos.index_select(1, keep_rows))
+            old = enc.pool[idx]
+            enc.pool[idx] = join(old + new_sparse)
+            layer.segments = [s for s in layer.segments if not any(s is o for o in old)] + enc.pool[idx]
+
+    def _finish(self, cache, ctx, enc: Encoding) -> None:
+        for idx in range(enc.num_layers):
+            if enc.chunk_summaries[idx]:
+                enc.summary[idx] = torch.stack(enc.chunk_summaries[idx], 1)  # [H, C, 2|1, D]
+        enc.chunk_summaries = []
+        enc.done = True
+        ctx.stats.update(bilevel_offloaded_bytes=enc.offloaded_bytes(),
+                         bilevel_offloaded_storage_bytes=enc.offload.stored_bytes,
+                         bilevel_summary_bytes=enc.summary_bytes(),
+                         bilevel_encoded_device_bytes=cache.nbytes() + enc.summary_bytes(),
+                         bilevel_sparse_entries=sum(enc.keep))
+
+    def compress(self, cache, ctx) -> None:
+        """Nothing left to do after the prefill: the levels are built while it runs."""
+
+    # ------------------------------------------------------------------ ask
+    def prepare(self, idx, layer, query, scaling, q_start, ctx) -> None:
+        """Before layer `idx` attends for a prefill slice holding question rows: choose this
+        question's chunks from its queries and put their complements into the layer."""
+        enc = ctx.state.get((KEY,))
+        q = ctx.question
+        if enc is None or not enc.done or q is None or enc.plan.n == 0:
+            return
+        lo, hi = max(q[0], q_start), min(q[1], q_start + query.shape[2])
+        if lo >= hi or ctx.state.get((KEY, "asked", idx)) == q:
+            return
+        ctx.state[(KEY, "asked", idx)] = q
+        if ctx.state.get((KEY, "question")) != q:                            # first layer of a new question
+            ctx.state[(KEY, "question")] = q
+            ctx.stats.update(bilevel_chosen=[[] for _ in range(enc.num_layers)], bilevel_reloaded_bytes=0,
+                             bilevel_reloaded_tokens=0, bilevel_reload_s=0.0, bilevel_brought_back=[])
+        qrows = query[:, :, lo - q_start:hi - q_start]
+        rel = self._relevance(enc, idx, qrows, scaling)
+        chosen = choose(rel, *self._costs(enc, idx), ends=self.ends)
+        t0 = time.perf_counter()
+        device = layer.keys.device
+        fetched = [enc.offload.fetch(p, device) for c in chosen for p in enc.dense[idx][c]]
+        mix = join(fetched)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        old = ctx.state.get((KEY, "mix", idx), [])
+        layer.segments = [s for s in layer.segments if not any(s is o for o in old)] + mix
+        ctx.state[(KEY, "mix", idx)] = mix
+        st = ctx.stats
+        st["bilevel_reload_s"] += time.perf_counter() - t0
+        st["bilevel_reloaded_bytes"] += sum(enc.dense_bytes[idx][c] for c in chosen)
+        st["bilevel_reloaded_tokens"] += sum(int(enc.plan.sizes[c]) - enc.keep[c] for c in chosen)
+        st["bilevel_chosen"][idx] = chosen
+        st["bilevel_brought_back"] = sorted(set(st["bilevel_brought_back"]) | set(chosen))  # in any layer
+
+    def _costs(self, enc: Encoding, idx: int) -> tuple[list[float], float]:
+        """(cost of bringing back each chunk, budget) in entries, or in bytes with budget_mib."""
+        if self.budget_mib > 0:
+            return [float(b) for b in enc.dense_bytes[idx]], self.budget_mib * 2**20 / enc.num_layers
+        cost = [float(n - k) for n, k in zip(enc.plan.sizes.tolist(), enc.keep)]
+        total = enc.plan.total
+        return cost, (self.budget * total if self.budget <= 1 else self.budget)
+
+    def _relevance(self, enc: Encoding, idx: int, query, scaling) -> torch.Tensor:
+        if self.score != "attn":
+            return relevance(self.score, query, scaling, enc.plan.n, summary=enc.summary[idx].to(query.device))
+        keys = torch.cat([p.keys.dequantize(torch.float32) for p in enc.pool[idx]], 2)
+        pos = torch.cat([p.pos for p in enc.pool[idx]], 1)
+        return relevance("attn", query, scaling, enc.plan.n, keys=keys.to(query.device),
+                         chunk=enc.plan.chunk_of(pos))
+
+
+def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [B, H, n, D], idx [H, k] -> [B, H, k, D]."""
+    b, _, _, d = x.shape
+    return x.gather(2, idx.to(x.device)[None, :, :, None].expand(b, -1, -1, d))
+
+
+def device_bytes(cache, ctx) -> int:
+    """Device-resident KV bytes of a bi-level cache: its stored tensors plus the relevance summaries."""
+    enc = ctx.state.get((KEY,)) if ctx is not None else None
+    return cache.nbytes() + (enc.summary_bytes() if enc is not None else 0)
+
+
+__all__ = ["BiLevel", "Encoding", "device_bytes", "storage_bytes"]

@@ -1,0 +1,316 @@
+"""Bi-level KV (Video-XL-2): chunked prefill, sparse level on the device, dense level offloaded,
+per-question reload. Exactness when every chunk is dense, original positions, real bytes, encode
+once / ask many, disk = CPU offload, follow-ups re-select, budgets, the bench fields."""
+import json
+
+import pytest
+import torch
+
+import mmkv
+from conftest import frames_for
+from mmkv.cache.bilevel.parts import DenseSegment, storage_bytes
+from mmkv.cache.bilevel.relevance import choose, relevance, summarize
+from mmkv.cache.bilevel.sparse import KEY
+from mmkv.cache.core import QuantSegment
+from mmkv.errors import RecipeError
+
+Q = "What is happening in this video?"
+QUESTIONS = ["What is happening in this video?", "What color is the ball?", "Describe the last scene."]
+
+
+def _enc_state(enc):
+    return enc.prefill_state["state"][(KEY,)]
+
+
+def _kv_tensors(cache):
+    out = []
+    for layer in cache.layers:
+        out += [layer.keys, layer.values] + [t for s in layer.segments for t in (s.keys, s.values)]
+    return out
+
+
+@pytest.mark.parametrize("spec", ["bilevel:1.0,cross=dense,frames=4", "bilevel:1.0,keep=1.0,frames=4"])
+def test_every_chunk_dense_equals_uncompressed(family, pipes, spec):
+    """All chunks brought back (budget 1) with dense cross-chunk attention, or a sparse level that
+    keeps everything: token for token the uncompressed answer, logits equal."""
+    base = pipes[family]
+    video = frames_for(family, n=12, seed=5)
+    ref = base.generate(video, Q, max_new_tokens=10, output_scores=True)
+    res = base.with_recipe(spec).generate(video, Q, max_new_tokens=10, output_scores=True)
+    ex = res.stats.extra
+    assert ex["bilevel_chunks"] >= 3
+    assert res.tokens == ref.tokens
+    torch.testing.assert_close(torch.stack(res.scores), torch.stack(ref.scores), atol=1e-4, rtol=1e-4)
+    if "cross=dense" in spec:   # every layer brought every chunk back
+        assert all(c == list(range(ex["bilevel_chunks"])) for c in ex["bilevel_chosen"])
+        assert ex["bilevel_offloaded_bytes"] > 0
+
+
+def test_positions_are_the_original_ones(pipes):
+    """Every entry of both levels is the uncompressed cache's entry at the same sequence index:
+    in layer 0 exactly (keys depend only on embeddings and positions), and in layer 1 for the
+    first chunk (it attends to the same text and itself); each chunk's entries are split
+    between the levels, every one exactly once."""
+    fam = "qwen2_vl"  # 3-D M-RoPE
+    video = frames_for(fam, n=12, seed=6)
+    full = pipes[fam].encode(video)
+    pipe = pipes[fam].with_recipe("bilevel:0.2,keep=0.25,frames=4")
+    enc = pipe.encode(video)
+    st = _enc_state(enc)
+    plan = st.plan
+    for idx in (0, 1):
+        ref_k, ref_v = full.cache.layers[idx].keys[0], full.cache.layers[idx].values[0]   # [H, L, D]
+        parts = st.pool[idx] + [st.offload.fetch(p, "cpu") for row in st.dense[idx] for p in row]
+        got = {}
+        for p in parts:
+            k, v = p.keys.dequantize(torch.float32)[0], p.values.dequantize(torch.float32)[0]
+            for h in range(k.shape[0]):
+                for j, s in enumerate(p.pos[h].tolist()):
+                    assert (h, s) not in got
+                    got[(h, s)] = (k[h, j], v[h, j])
+        every = [s for c in range(plan.n) for s in range(int(plan.starts[c]), int(plan.ends[c]))]
+        assert sorted(got) == sorted((hh, s) for hh in range(ref_k.shape[0]) for s in every)
+        first = range(int(plan.starts[0]), int(plan.ends[0]))
+        check = got if idx == 0 else {key: val for key, val in got.items() if key[1] in first}
+        for (hh, s), (k, v) in check.items():
+            torch.testing.assert_close(k, ref_k[hh, s].float(), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(v, ref_v[hh, s].float(), atol=1e-5, rtol=1e-5)
+    # the device tail holds exactly the text (no chunk entry is left in full precision)
+    tail = enc.cache.layers[0].pos[0]
+    assert bool((plan.chunk_of(tail) < 0).all())
+
+
+@pytest.mark.parametrize("spec", ["bilevel:0.3,frames=4", "bilevel:0.3,frames=4,keep=0.5+kivi:2,group=8,residual=8",
+                                  "bilevel:0.3,frames=4,offload=disk"])
+def test_levels_bytes_are_the_stored_tensors(pipes, spec):
+    pipe = pipes["qwen2_vl"].with_recipe(spec)
+    enc = pipe.encode(frames_for("qwen2_vl", n=16, seed=7))
+    st = _enc_state(enc)
+    ex = enc.prefill_state["stats"]
+    offloaded = [p for row in st.dense for parts in row for p in parts]
+    if st.offload.mode == "cpu":
+        # every offloaded tensor is its own storage: the storages are exactly the bytes counted
+        assert storage_bytes(offloaded) == st.offload.stored_bytes == ex["bilevel_offloaded_storage_bytes"]
+    else:
+        assert st.offload.file_size() == st.offload.size >= st.offload.stored_bytes > 0
+        assert all(not isinstance(t, torch.Tensor) for p in offloaded for t in (p.pos,))
+    fetched = [st.offload.fetch(p, "cpu") for p in offloaded]
+    assert sum(p.nbytes for p in fetched) == ex["bilevel_offloaded_bytes"]
+    assert storage_bytes(fetched) == st.offload.stored_bytes
+    # the device cache: its byte count is its storages (no view keeps a larger tensor alive)
+    assert storage_bytes(_kv_tensors(enc.cache)) == enc.cache.nbytes()
+    if "kivi" in spec:
+        assert any(isinstance(p, QuantSegment) and p.label == "int2 dense" for p in fetched)
+        assert any(isinstance(p, QuantSegment) and p.label == "int2 sparse" for p in st.pool[0])
+    else:
+        # full precision: the complement is every chunk entry not in the sparse level, K and V
+        a = pipe.adapter
+        n = sum(int(s) - k for s, k in zip(st.plan.sizes, st.keep))
+        assert ex["bilevel_offloaded_bytes"] == 2 * a.num_layers * a.num_kv_heads * a.head_dim * n * a.dtype.itemsize
+        assert all(isinstance(p, DenseSegment) for p in fetched)
+
+
+def test_encode_once_ask_many_in_any_order(pipes):
+    pipe = pipes["llava_onevision"].with_recipe("bilevel:0.3,frames=2")
+    enc = pipe.encode(frames_for("llava_onevision", n=12, seed=8))
+    segs = [list(layer.segments) for layer in enc.cache.layers]
+    lens = enc.cache.lengths()
+    fwd = [pipe.ask(enc, q, max_new_tokens=6) for q in QUESTIONS]
+    rev = [pipe.ask(enc, q, max_new_tokens=6) for q in reversed(QUESTIONS)][::-1]
+    assert [r.tokens for r in fwd] == [r.tokens for r in rev]
+    assert [r.stats.extra["bilevel_chosen"] for r in fwd] == [r.stats.extra["bilevel_chosen"] for r in rev]
+    assert any(c for r in fwd for c in r.stats.extra["bilevel_chosen"])       # something was brought back
+    assert enc.cache.lengths() == lens
+    assert all(all(a is b for a, b in zip(layer.segments, old)) and len(layer.segments) == len(old)
+               for layer, old in zip(enc.cache.layers, segs))
+
+
+def test_disk_offload_answers_like_cpu(pipes):
+    video = frames_for("qwen2_5_vl", n=16, seed=9)
+    cpu = pipes["qwen2_5_vl"].with_recipe("bilevel:0.4,frames=4")
+    disk = pipes["qwen2_5_vl"].with_recipe("bilevel:0.4,frames=4,offload=disk")
+    a = cpu.generate(video, Q, max_new_tokens=8, output_scores=True)
+    b = disk.generate(video, Q, max_new_tokens=8, output_scores=True)
+    assert a.tokens == b.tokens
+    assert torch.equal(torch.stack(a.scores), torch.stack(b.scores))
+    assert a.stats.extra["bilevel_chosen"] == b.stats.extra["bilevel_chosen"]
+    assert b.stats.extra["bilevel_offload"].startswith("disk")
+    assert a.stats.extra["bilevel_reloaded_bytes"] == b.stats.extra["bilevel_reloaded_bytes"] > 0
+
+
+def test_budget_is_respected(pipes):
+    pipe = pipes["qwen2_vl"].with_recipe("bilevel:0.25,frames=4,keep=0.1")
+    enc = pipe.encode(frames_for("qwen2_vl", n=24, seed=10))
+    st = _enc_state(enc)
+    r = pipe.ask(enc, Q, max_new_tokens=2)
+    ex = r.stats.extra
+    comp = [int(n) - k for n, k in zip(st.plan.sizes, st.keep)]
+    for chosen in ex["bilevel_chosen"]:
+        assert chosen and sum(comp[c] for c in chosen) <= 0.25 * st.plan.total
+    assert ex["bilevel_reloaded_tokens"] == sum(comp[c] for ch in ex["bilevel_chosen"] for c in ch)
+    # the device holds the text, the sparse levels and the chosen complements, nothing else
+    assert r.stats.kv_len_per_layer == [enc.cache.layers[i].stored + r.stats.prompt_tokens - enc.prefix_len
+                                        + sum(comp[c] for c in ch) for i, ch in enumerate(ex["bilevel_chosen"])]
+    # a byte budget: two chunks' complements per layer (the chunks are the same size here)
+    assert len(set(st.dense_bytes[0])) == 1
+    mib = 2 * st.dense_bytes[0][0] * len(enc.cache.layers) / 2**20
+    by_bytes = pipes["qwen2_vl"].with_recipe(f"bilevel:frames=4,keep=0.1,budget_mib={mib}")
+    r2 = by_bytes.ask(by_bytes.encode(frames_for("qwen2_vl", n=24, seed=10)), Q, max_new_tokens=1)
+    assert r2.stats.extra["bilevel_reloaded_bytes"] <= mib * 2**20
+    assert all(len(c) == 2 for c in r2.stats.extra["bilevel_chosen"])
+
+
+def test_follow_up_reselects_its_own_chunks(pipes):
+    pipe = pipes["qwen2_vl"].with_recipe("bilevel:0.2,frames=2,keep=0.1")
+    enc = pipe.encode(frames_for("qwen2_vl", n=16, seed=11))
+    st = _enc_state(enc)
+    comp = [int(n) - k for n, k in zip(st.plan.sizes, st.keep)]
+    conv = pipe.chat(enc)
+    r1 = conv.ask(QUESTIONS[0], max_new_tokens=3)
+    r2 = conv.ask(QUESTIONS[1], max_new_tokens=3)
+    c1, c2 = r1.stats.extra["bilevel_chosen"], r2.stats.extra["bilevel_chosen"]
+    assert r2.stats.extra["bilevel_reloaded_tokens"] > 0                # turn 2 selected (and fetched) again
+    cache = conv._session.cache
+    for i, layer in enumerate(cache.layers):
+        mix = [s for s in layer.segments if s.label.endswith("dense")]
+        held = {int(p) for s in mix for p in s.pos[0]}
+        want = {p for c in c2[i] for p in range(int(st.plan.starts[c]), int(st.plan.ends[c]))}
+        assert held <= want and len(held) == sum(comp[c] for c in c2[i])   # only turn 2's chunks, once
+    # the same questions asked fresh select the same chunks for turn 1
+    assert pipe.ask(enc, QUESTIONS[0], max_new_tokens=3).stats.extra["bilevel_chosen"] == c1
+
+
+def test_composes_with_a_vision_press_and_kivi(pipes):
+    pipe = pipes["qwen2_vl"].with_recipe("pool+bilevel:1.0,cross=dense,frames=4+kivi:2,group=8,residual=8")
+    video = frames_for("qwen2_vl", n=16, seed=12)
+    r = pipe.generate(video, Q, max_new_tokens=4)
+    ex = r.stats.extra
+    assert r.stats.visual_tokens_kept < r.stats.visual_tokens_in
+    assert sum(ex["bilevel_chunk_tokens"]) == r.stats.visual_tokens_kept   # chunks of the kept tokens
+    assert len(ex["bilevel_chunk_tokens"]) == 4
+    assert any(k.startswith("int2") for k in r.stats.kv_bytes_by_class)
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("streaming:recent=8,decode=false+bilevel", "own sparse level"),
+    ("zipvl:kv=none+bilevel", "prefill policy"),
+    ("bilevel:score=nearest", "score"),
+    ("bilevel:sparse=nothing", "sparse="),
+    ("bilevel:keep=0", "keep"),
+    ("bilevel:keep=1.5", "count"),
+    ("bilevel:cross=window", "cross"),
+    ("bilevel:offload=gpu", "offload"),
+])
+def test_bad_recipes_are_clear(tiny_dir, spec, match):
+    with pytest.raises(RecipeError, match=match):
+        mmkv.load(tiny_dir["qwen2_vl"], recipe=spec)
+
+
+def test_relevance_rules_find_the_matching_chunk():
+    torch.manual_seed(0)
+    b, hk, g, d, n_chunks, per = 1, 2, 2, 16, 5, 6
+    direction = torch.randn(hk, d)
+    keys = torch.randn(b, hk, n_chunks * per, d) * 0.3
+    keys[:, :, 3 * per:4 * per] += 2 * direction[None, :, None, :]      # chunk 3 matches the question
+    query = (direction.repeat_interleave(g, 0)[None, :, None, :] + 0.1 * torch.randn(b, hk * g, 4, d))
+    chunk = torch.arange(n_chunks).repeat_interleave(per).expand(hk, -1)
+    for rule in ("attn", "quest", "mean"):
+        if rule == "attn":
+            rel = relevance(rule, query, d ** -0.5, n_chunks, keys=keys, chunk=chunk)
+        else:
+            summ = torch.stack([summarize(rule, keys[:, :, c * per:(c + 1) * per]) for c in range(n_chunks)], 1)
+            rel = relevance(rule, query, d ** -0.5, n_chunks, summary=summ)
+        assert int(rel.argmax()) == 3, rule
+    assert choose(torch.tensor([0.1, 0.5, 0.2, 0.9]), [2, 2, 1, 3], 4) == [2, 3]       # 3, then 1 does not fit, 2 does
+    assert choose(torch.tensor([0.1, 0.5, 0.2, 0.9]), [1, 1, 1, 1], 3, ends=True) == [0, 1, 3]   # ends first
+
+
+def test_scorer_plugs_in_from_a_stage(tiny_dir, monkeypatch):
+    """sparse=NAME takes a KV stage's entry_scores (here: keep the latest entries of each chunk)."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from mmkv.cache import KVPress
+    from mmkv.stages import STAGES
+
+    @dataclass
+    class Latest(KVPress):
+        name: ClassVar[str] = "latest_test"
+
+        def entry_scores(self, idx, keys, values, pos, ctx):
+            return pos.float()
+
+    monkeypatch.setitem(STAGES, "latest_test", Latest)
+    pipe = mmkv.load(tiny_dir["qwen2_vl"], recipe="bilevel:0.0,keep=0.25,frames=4,sparse=latest_test")
+    enc = pipe.encode(frames_for("qwen2_vl", n=8, seed=13))
+    st = _enc_state(enc)
+    pool = torch.cat([p.pos for p in st.pool[0]], 1)
+    want = [p for c in range(st.plan.n) for p in range(int(st.plan.ends[c]) - st.keep[c], int(st.plan.ends[c]))]
+    assert sorted(pool[0].tolist()) == want
+
+
+def test_renderer_shows_each_chunk(pipes):
+    from mmkv.cache.bilevel import chunks_html, chunks_image
+    from mmkv.cache.bilevel.render import chunk_usage
+
+    r = pipes["qwen2_vl"].with_recipe("bilevel:0.3,frames=4").generate(frames_for("qwen2_vl", n=16, seed=14), Q,
+                                                                         max_new_tokens=2)
+    rows = chunk_usage(r)
+    n = r.stats.extra["bilevel_chunks"]
+    assert len(rows) == n and any(x["layers"] for x in rows)
+    assert all(x["end_s"] > x["start_s"] for x in rows)
+    html = chunks_html(r)
+    assert html.count("title=") == n and "brought back" in html
+    assert chunks_image(r, width=120).size == (120, 40)
+    with pytest.raises(ValueError, match="bilevel"):
+        chunk_usage(pipes["qwen2_vl"].generate(frames_for("qwen2_vl", n=4), Q, max_new_tokens=1))
+
+
+def test_long_bench_reports_device_and_offloaded_bytes(tiny_dir, tmp_path):
+    from mmkv.cli import main
+
+    out = tmp_path / "r.json"
+    assert main(["bench", "quality", "--task", "long", "--model", tiny_dir["qwen2_vl"], "--frames", "96",
+                 "--n", "1", "--protocol", "encode", "--recipes", "none;bilevel:0.1,frames=16,keep=0.1",
+                 "--data-dir", str(tmp_path / "data"), "--json", str(out), "--no-progress"]) == 0
+    none, bl = json.load(open(out))
+    assert none["offloaded_bytes_ratio"] == 0 and none["kv_bytes_ratio"] == pytest.approx(1.0)
+    assert bl["skipped"] is None and 0 < bl["kv_bytes_ratio"] < 0.6
+    assert 0.4 < bl["offloaded_bytes_ratio"] < 1
+    assert bl["kv_bytes_ratio"] + bl["offloaded_bytes_ratio"] >= 0.99    # every visual entry is somewhere
+
+
+def test_info_names_video_xl_2():
+    from mmkv.recipe import available
+
+    doc = dict(available()["kv"])["bilevel"]
+    assert "Video-XL-2" in doc
+
+
+def test_device_bytes_flat_in_video_length(pipes):
+    """keep and budget as counts: the device holds the same bytes for a video twice as long
+    (up to the relevance summaries, one per chunk), the offloaded level doubles."""
+    pipe = pipes["qwen2_vl"].with_recipe("bilevel:32,keep=32,frames=4,score=attn")
+    a = pipe.adapter
+    entry = 2 * a.num_layers * a.num_kv_heads * a.head_dim * a.dtype.itemsize    # bytes of one entry, all layers
+    got = []
+    for n in (16, 32):
+        enc = pipe.encode(frames_for("qwen2_vl", n=n, seed=15))
+        r = pipe.ask(enc, Q, max_new_tokens=1)
+        question = (r.stats.prompt_tokens - enc.prefix_len) * entry
+        got.append((enc.cache.nbytes(), r.stats.kv_bytes - question, r.stats.extra["bilevel_offloaded_bytes"]))
+    (e1, a1, o1), (e2, a2, o2) = got
+    assert e1 == e2                                      # the encoding: text + 32 sparse entries per layer
+    assert e1 < a1 <= e1 + 32 * entry and e2 < a2 <= e2 + 32 * entry   # + at most the budget
+    assert o2 > 1.9 * o1
+
+
+def test_an_image_stays_whole(pipes):
+    import numpy as np
+    from PIL import Image
+
+    image = Image.fromarray(np.random.default_rng(16).integers(0, 256, (100, 150, 3), dtype=np.uint8))
+    for fam in ("qwen2_vl", "llava_onevision"):
+        ref = pipes[fam].generate(image, Q, max_new_tokens=5)
+        res = pipes[fam].with_recipe("bilevel").generate(image, Q, max_new_tokens=5)
+        assert res.tokens == ref.tokens and res.stats.extra["bilevel_chunks"] == 0
