@@ -65,10 +65,13 @@ def corpus() -> list[str]:
     return qs * 10 + answers * 10 + ["user", "assistant", "system"] * 20
 
 
-def build_model(seed: int):
+def build_model(seed: int, embed_std: float = 0.02):
     torch.manual_seed(seed)
-    return make_tiny("llava_onevision", seed=seed, corpus=corpus(), vocab_size=500, text_overrides=TEXT,
-                     vision_overrides=VISION, image_size=CROP, max_crops=GRID)
+    model, proc = make_tiny("llava_onevision", seed=seed, corpus=corpus(), vocab_size=500, text_overrides=TEXT,
+                            vision_overrides=VISION, image_size=CROP, max_crops=GRID)
+    if embed_std != 0.02:
+        torch.nn.init.normal_(model.get_input_embeddings().weight, std=embed_std)
+    return model, proc
 
 
 class HiresBatcher:
@@ -195,9 +198,10 @@ class AuxHeads(torch.nn.Module):
 
     def loss(self, aux: dict, hidden: torch.Tensor) -> torch.Tensor:
         f = torch.nn.functional.cross_entropy
-        v = self.visual.float().flatten(0, 1)                                  # [B * views * SIDE^2, D]
+        norm = lambda x: torch.nn.functional.layer_norm(x.float(), x.shape[-1:])  # noqa: E731
+        v = norm(self.visual).flatten(0, 1)                                    # [B * views * SIDE^2, D]
         m = aux["shape"] > 0
-        h = hidden[:, aux["crop_at"]].float()                                  # [B, 324, D]
+        h = norm(hidden[:, aux["crop_at"]])                                    # [B, 324, D]
         b = h.shape[0]
         return (f(self.color(v), aux["color"]) + f(self.shape(v[m]), aux["shape"][m])
                 + f(self.row(h).flatten(0, 1), self.crop_row.repeat(b))
@@ -246,12 +250,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--eval-n", type=int, default=64, help="validation images per evaluation (0: none)")
     ap.add_argument("--final-n", type=int, default=200, help="validation images at the end (0: none)")
+    ap.add_argument("--aux-weight", type=float, default=AUX_WEIGHT)
+    ap.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0: none)")
+    ap.add_argument("--embed-std", type=float, default=0.02, help="initial std of the text embeddings")
     ap.add_argument("--time-limit", type=float, default=0, help="stop early after this many minutes (0: none)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    model, proc = build_model(args.seed)
+    model, proc = build_model(args.seed, args.embed_std)
     batcher = HiresBatcher(model, proc)
     check_pixels(batcher, proc)
     model.to(device)
@@ -274,17 +281,23 @@ def main(argv: list[str] | None = None) -> dict:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out = model(**inputs, output_hidden_states=True)
             aux_loss = heads.loss(aux, out.hidden_states[POS_LAYER])
-        loss = out.loss + AUX_WEIGHT * aux_loss
+        loss = out.loss + args.aux_weight * aux_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if args.clip:
+            torch.nn.utils.clip_grad_norm_(params, args.clip)
         opt.step()
+        with torch.no_grad():   # teacher-forced accuracy of the answer tokens (end-of-turn excluded)
+            lab = inputs["labels"][:, 1:]
+            m = (lab != -100) & (lab != batcher.eos)
+            tok_acc = (out.logits[:, :-1].argmax(-1) == lab)[m].float().mean().item()
+        acc_ema = tok_acc if step == 0 else 0.95 * acc_ema + 0.05 * tok_acc
         ema = out.loss.item() if ema is None else 0.98 * ema + 0.02 * out.loss.item()
         aux_ema = aux_loss.item() if aux_ema is None else 0.98 * aux_ema + 0.02 * aux_loss.item()
         losses.append(out.loss.item())
         steps_done = step + 1
         if step % 25 == 0:
-            print(f"step {step:5d} loss {ema:.4f} aux {aux_ema:.3f} lr {g['lr']:.2e} {time.time() - t0:6.0f}s",
+            print(f"step {step:5d} loss {ema:.4f} tokens {acc_ema:.3f} aux {aux_ema:.3f} lr {g['lr']:.2e} {time.time() - t0:6.0f}s",
                   flush=True)
         if args.eval_n and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             res = evaluate(model, batcher, val_seeds[:args.eval_n], device)
