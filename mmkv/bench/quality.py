@@ -262,7 +262,7 @@ def table(results: list[dict]) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", default="needle", choices=["needle", "long"],
+    p.add_argument("--task", default="needle", choices=["needle", "long", "image"],
                    help="needle: the quick multiple-choice task (default); long: task v2, three open questions "
                         "per video, 8K+ visual tokens at 1,024 frames")
     p.add_argument("--model", default=None, help="default: mmkv-tiny (needle), mmkv-long (long)")
@@ -292,6 +292,9 @@ def main(args) -> int:
         raise InputError("the needle task has one question per video; multiturn is for --task long")
     if args.task == "long":
         return _main_long(args, protocol)
+    if args.task == "image":
+        from .image import main as _main_image
+        return _main_image(args, protocol)
     frames, n, model = args.frames or 256, args.n or 100, args.model or "mmkv-tiny"
     data_dir = args.data_dir or os.path.join(CACHE_DIR, f"needle_heldout_{frames}_{args.seed}")
     rows = dataset(data_dir, n, frames, args.seed)

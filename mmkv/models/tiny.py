@@ -97,7 +97,8 @@ def build_tiny(family: str, out_dir: str, **kwargs) -> str:
 def make_tiny(family: str, *, shape: str = "tiny", seed: int = 0, corpus=None, vocab_size: int = 400,
               split_lines: bool = False,
               text_overrides: dict | None = None, vision_overrides: dict | None = None, image_size: int = 56,
-              max_pixels: int = 112 * 112, min_pixels: int = 56 * 56, rope_theta: float = 10000.0):
+              max_pixels: int = 112 * 112, min_pixels: int = 56 * 56, rope_theta: float = 10000.0,
+              max_crops: int = 2):
     """A random-init (model, processor) of `family`, not saved.
 
     `shape` picks the decoder size ("tiny" or "0.5b"); `text_overrides` / `vision_overrides`
@@ -105,6 +106,9 @@ def make_tiny(family: str, *, shape: str = "tiny", seed: int = 0, corpus=None, v
     `image_size` is the SigLIP input size of
     LLaVA-OneVision; `max_pixels`/`min_pixels` bound Qwen's frame size; `rope_theta` is the
     decoder's RoPE base (Qwen's M-RoPE sections included; real Qwen2-VL checkpoints use 1e6).
+    `max_crops` bounds LLaVA-OneVision's AnyRes grid: pinpoints of every i x j crops of
+    `image_size` px with i, j <= max_crops (default 2: up to 2 x 2). `vision_overrides` also
+    applies to LLaVA-OneVision's SigLIP tower.
     """
     from transformers import (
         LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessor,
@@ -165,11 +169,13 @@ def make_tiny(family: str, *, shape: str = "tiny", seed: int = 0, corpus=None, v
             text_config=dict(text, model_type="qwen2", vocab_size=len(tok), max_position_embeddings=32768,
                              bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                              pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False),
-            vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
-                               num_hidden_layers=2, num_attention_heads=2, image_size=size, patch_size=14),
+            vision_config=dict(dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
+                                    num_hidden_layers=2, num_attention_heads=2, image_size=size, patch_size=14),
+                               **(vision_overrides or {})),
             image_token_index=ids["<image>"], video_token_index=ids["<video>"],
             vision_feature_select_strategy="full", vision_feature_layer=-1,
-            image_grid_pinpoints=[[size, size], [size, 2 * size], [2 * size, size], [2 * size, 2 * size]],
+            image_grid_pinpoints=[[i * size, j * size] for i in range(1, max_crops + 1)
+                                  for j in range(1, max_crops + 1)],
         )
         model = LlavaOnevisionForConditionalGeneration(cfg)
         img = LlavaOnevisionImageProcessor(size={"height": size, "width": size},

@@ -19,7 +19,11 @@ see mmkv/models/vit_scores.py, which also defines the substitute used for SigLIP
    floor(n_i * r_i) best are kept.
 4. The image_newline separators are all kept.
 
-Defaults (the paper's): retention R=0.25, temperature T=10.
+Defaults (the paper's): retention R=0.25, temperature T=10, allocation="thumbnail".
+
+`allocation="uniform"` (an ablation, not in the paper) skips step 2: every crop keeps the same
+fraction r_i = R, so only the thumbnail-guided allocation differs from GlobalCom²'s default;
+the thumbnail and the within-crop scoring (steps 1 and 3) are unchanged.
 
 Deviations from the official code, and why:
 - Kept thumbnail tokens stay in raster order at their original positions; the official code
@@ -75,6 +79,9 @@ class GlobalCom2(VisionPress):
 
     retention: float = 0.25
     temperature: float = 10.0
+    allocation: str = "thumbnail"
+
+    ALLOCATIONS: ClassVar[tuple[str, ...]] = ("thumbnail", "uniform")
 
     def validate(self):
         check(isinstance(self.retention, (int, float)) and not isinstance(self.retention, bool)
@@ -82,6 +89,9 @@ class GlobalCom2(VisionPress):
               f"globalcom2: retention (fraction of image tokens kept) must be in (0, 1], got {self.retention!r}")
         check(isinstance(self.temperature, (int, float)) and self.temperature > 0,
               f"globalcom2: temperature must be positive, got {self.temperature!r}")
+        check(self.allocation in self.ALLOCATIONS,
+              f"globalcom2: allocation must be one of {', '.join(self.ALLOCATIONS)} (thumbnail: the paper's "
+              f"per-crop budgets; uniform: the same fraction in every crop), got {self.allocation!r}")
 
     def check_input(self, kind: str, adapter) -> None:
         """Refuse a video, or a family whose adapter gives no per-view scores (before any work)."""
@@ -118,7 +128,10 @@ class GlobalCom2(VisionPress):
             ctx.stats["globalcom2_crop_ratios"] = []
             return tokens.subset(torch.cat(keep).sort().values)
         # 2. per-crop budgets from the thumbnail
-        ratios = crop_ratios(region_sums(sg, nph, npw), R, self.temperature)
+        if self.allocation == "uniform":
+            ratios = torch.full((nph * npw,), R, dtype=torch.float64)
+        else:
+            ratios = crop_ratios(region_sums(sg, nph, npw), R, self.temperature)
         ctx.stats["globalcom2_crop_ratios"] = [round(float(r), 4) for r in ratios]
         # 3. within-crop scores: own scores + upsampled thumbnail scores over the unpadded grid
         c_rows, cc = rows[crop], c[crop]
