@@ -26,6 +26,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -37,8 +38,10 @@ from train_tiny import Batcher, lr_at  # noqa: E402
 
 from mmkv.models.qwen2_vl import QwenVLAdapter  # noqa: E402
 from mmkv.models.tiny import QWEN_SPECIAL, make_tiny  # noqa: E402
-from mmkv.synthetic import SHAPES  # noqa: E402
-from mmkv.synthetic.long import CELL, COLORS, PLURAL, SIZE, make_long_example, question_text  # noqa: E402
+from mmkv.synthetic import SHAPES, Needle, render  # noqa: E402
+from mmkv.synthetic.long import (  # noqa: E402
+    CELL, COLORS, FPS, GAP, MIN_FRAMES, PLURAL, SIZE, LongExample, _place, answers, make_long_example, question_text,
+)
 
 DEFAULT_OUT = os.path.join(os.path.dirname(__file__), "..", "mmkv", "assets", "mmkv-long")
 TEXT = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
@@ -49,6 +52,7 @@ TOKENS_PER_BATCH = 8192  # visual tokens per step
 AUX_WEIGHT = 0.5
 TRAIN_SEED_LIMIT = 1_000_000
 TOKENS_PER_SLOT = (SIZE // CELL) ** 2   # 16 visual tokens per 2 frames
+TEXT_PER_QUESTION = 22                   # about: a question turn and its answer
 
 
 def corpus() -> list[str]:
@@ -58,6 +62,71 @@ def corpus() -> list[str]:
          [question_text("identify", c) for c in COLORS]
     answers = [f"{c} {s}" for c in COLORS for s in SHAPES] + [", ".join(p) for p in zip(COLORS, list(COLORS)[1:])]
     return (qs * 20 + answers * 10 + words * 20 + ["user", "assistant", "system"] * 20)
+
+
+@dataclass
+class Asked:
+    """A question put to the model in training: task v2's kind and its target (a shape for order
+    and count, a colour for identify), the text and the exact answer."""
+
+    kind: str
+    target: str
+    text: str
+    answer: str
+
+
+def official(ex) -> list[Asked]:
+    """The example's own three questions (the held-out task), in its conversation order."""
+    tgt = {it.role: (it.color if it.role == "identify" else it.shape) for it in ex.items if it.role != "distractor"}
+    return [Asked(q.kind, tgt[q.kind], q.text, q.answer) for q in ex.questions]
+
+
+def question_pool(items, exclude=()) -> list[Asked]:
+    """Every question of task v2's three kinds that `items` answer in the task's own form: order
+    and count of any shape with 1-3 objects, identify of any colour with exactly one object
+    (less the (kind, target) pairs in `exclude`)."""
+    out = []
+    for shape in SHAPES:
+        if 1 <= sum(it.shape == shape for it in items) <= 3:
+            out += [Asked(k, shape, question_text(k, shape), answers(items, k, shape))
+                    for k in ("order", "count") if (k, shape) not in exclude]
+    for color in COLORS:
+        if sum(it.color == color for it in items) == 1 and ("identify", color) not in exclude:
+            out.append(Asked("identify", color, question_text("identify", color), answers(items, "identify", color)))
+    return out
+
+
+def training_questions(ex, rng: np.random.Generator, extra: int) -> list[Asked]:
+    """A training conversation, in a random order: a task-v2 video's three questions plus up to
+    `extra` others from its pool (more answers per encoded video; the held-out questions are the
+    example's own three); a short video's (`short_example`) up to 3 + `extra` from its pool."""
+    own = official(ex) if ex.questions else []
+    pool = question_pool(ex.items, {(q.kind, q.target) for q in own})
+    k = min(len(pool), extra + (0 if own else 3))
+    qs = own + [pool[i] for i in rng.choice(len(pool), k, replace=False)]
+    return [qs[i] for i in rng.permutation(len(qs))]
+
+
+def short_example(seed: int, frames: int):
+    """A training-only video shorter than task v2's shortest (MIN_FRAMES): a run of consecutive
+    objects of a task-v2 video, placed over `frames` frames as task v2 places them, on task v2's
+    background; no questions of its own (`training_questions` draws them from its pool). Short
+    contexts first: in a from-scratch model attention starts uniform, so over 768+ visual tokens
+    the gradient that teaches it to look anywhere in particular (even at the question) is tiny."""
+    base = make_long_example(seed, MIN_FRAMES, render_frames=False)
+    rng = np.random.default_rng([seed, frames, 2])
+    items = sorted(base.items, key=lambda it: it.start)
+    i = int(rng.integers(len(items)))
+    want, run, used = int(rng.integers(1, 6)), [], -GAP
+    for it in items[i:] + items[:i]:
+        if len(run) == want or used + GAP + it.length > frames:
+            break
+        run.append(it)
+        used += GAP + it.length
+    run = run or [min(items, key=lambda it: it.length)]
+    placed = _place(rng, frames, [(it.color, it.shape, it.role) for it in run], [it.length for it in run])
+    needles = [Needle(it.start, it.length, it.color, it.shape, it.x, it.y, it.size) for it in placed]
+    return LongExample(seed, frames, placed, [], render(frames, needles, rng, SIZE, palette=COLORS))
 
 
 def build_model(seed: int):
@@ -81,24 +150,30 @@ class LongBatcher(Batcher):
 
     @staticmethod
     def token_labels(ex, grid):
-        """Per merged visual token: the colour (1..6) and shape (1..4) drawn in it, 0 where none."""
+        """Per merged visual token (vision-tower output order t, h, w): the colour (1..6) and shape
+        (1..4) drawn in it, 0 where none; on object tokens also whether it is the object's first
+        frame pair (1) or a later one (2), and the object's rank among the objects of its shape
+        so far (1: the first, 2, 3, 4: the fourth or later), 0 elsewhere."""
         gt, gh, gw = grid[0], grid[1] // 2, grid[2] // 2
-        col = torch.zeros(gt, gh, gw, dtype=torch.long)
-        shp = torch.zeros(gt, gh, gw, dtype=torch.long)
-        for it in ex.items:
+        col, shp, start, rank = (torch.zeros(gt, gh, gw, dtype=torch.long) for _ in range(4))
+        seen: dict[str, int] = {}
+        for it in sorted(ex.items, key=lambda it: it.start):
             t0, t1 = it.start // 2, (it.start + it.length - 1) // 2
             y, x = it.cell
             col[t0:t1 + 1, y, x] = list(COLORS).index(it.color) + 1
             shp[t0:t1 + 1, y, x] = SHAPES.index(it.shape) + 1
-        return col.flatten(), shp.flatten()
+            start[t0, y, x], start[t0 + 1:t1 + 1, y, x] = 1, 2
+            rank[t0:t1 + 1, y, x] = min(seen.get(it.shape, 0), 3) + 1
+            seen[it.shape] = seen.get(it.shape, 0) + 1
+        return col.flatten(), shp.flatten(), start.flatten(), rank.flatten()
 
-    def conversation(self, ex, n_visual: int) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+    def conversation(self, questions: list[Asked], n_visual: int) -> tuple[list[int], list[int], list[tuple[int, int]]]:
         """ids, labels (-100 outside the answers) and each answer's (start, end) label span."""
         a = self.adapter
         ids = self.head + [self.pad_id] * n_visual + self.tail
         labels = [-100] * len(ids)
         spans = []
-        for i, q in enumerate(ex.questions):
+        for i, q in enumerate(questions):
             if i == 0:
                 turn = a.suffix(q.text, "video", 0).ids.tolist()
             else:
@@ -113,20 +188,48 @@ class LongBatcher(Batcher):
             labels += ans
         return ids, labels, spans
 
-    def __call__(self, examples):
-        seqs, labels, pix, grids, cols, shps, spans = [], [], [], [], [], [], []
-        for ex in examples:
+    def probe_rows(self, examples, questions, grids, spans, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """For AttentionSupervision: the positions that predict an answer token ([B, R], -1 = none)
+        and, per row, the visual tokens of the objects its question is about ([B, R, n] bool)."""
+        per = []
+        for ex, qs, g, sp in zip(examples, questions, grids, spans):
+            gh, gw = g[1] // 2, g[2] // 2
+            rows, tgt = [], []
+            for (a, b), q in zip(sp, qs):
+                keys = []
+                for it in ex.items:
+                    if (it.color if q.kind == "identify" else it.shape) == q.target:
+                        y, x = it.cell
+                        keys += [len(self.head) + (t * gh + y) * gw + x
+                                 for t in range(it.start // 2, (it.start + it.length - 1) // 2 + 1)]
+                rows += list(range(a - 1, b - 1))
+                tgt += [keys] * (b - a)
+            per.append((rows, tgt))
+        r = max(len(x[0]) for x in per)
+        rows = torch.full((len(per), r), -1, dtype=torch.long)
+        targets = torch.zeros((len(per), r, n), dtype=torch.bool)
+        for i, (rw, tg) in enumerate(per):
+            rows[i, :len(rw)] = torch.tensor(rw)
+            for j, keys in enumerate(tg):
+                targets[i, j, keys] = True
+        return rows, targets
+
+    def __call__(self, examples, questions: list[list[Asked]] | None = None):
+        """Model inputs for `examples`, each a conversation of `questions` (default: the example's
+        own three)."""
+        questions = questions or [official(ex) for ex in examples]
+        seqs, labels, pix, grids, spans, aux = [], [], [], [], [], []
+        for ex, qs in zip(examples, questions):
             p, g = self.patchify(ex.frames)
             pix.append(p)
             grids.append(g)
-            c, sh = self.token_labels(ex, g)
-            cols.append(c)
-            shps.append(sh)
-            ids, lab, sp = self.conversation(ex, g[0] * g[1] * g[2] // 4)
+            aux.append(self.token_labels(ex, g))
+            ids, lab, sp = self.conversation(qs, g[0] * g[1] * g[2] // 4)
             seqs.append(ids)
             labels.append(lab)
             spans.append(sp)
         n = max(map(len, seqs))
+        rows, targets = self.probe_rows(examples, questions, grids, spans, n)
         input_ids = torch.full((len(seqs), n), self.pad, dtype=torch.long)
         lab = torch.full((len(seqs), n), -100, dtype=torch.long)
         mask = torch.zeros((len(seqs), n), dtype=torch.long)
@@ -137,30 +240,97 @@ class LongBatcher(Batcher):
         return {"input_ids": input_ids, "attention_mask": mask, "labels": lab,
                 "pixel_values_videos": torch.cat(pix), "video_grid_thw": torch.tensor(grids),
                 "mm_token_type_ids": (input_ids == self.pad_id).int() * 2,
-                "spans": spans, "aux": {"color": torch.cat(cols), "shape": torch.cat(shps)}}
+                "spans": spans, "probe": (rows, targets), "aux": {k: torch.cat(v) for k, v in zip(("color", "shape", "start", "rank"), zip(*aux))}}
 
 
 class AuxHeads(torch.nn.Module):
-    """Training-only heads on the vision tower's output: the colour and the shape drawn in each
-    visual token (dense signal early on). Never saved with the model."""
+    """Training-only heads, never saved with the model (dense signal early on):
+    - on the vision tower's output, the colour (every visual token: which colour, or none) and the
+      shape (object tokens only) drawn in each visual token;
+    - on the decoder's hidden state after layer `layer` at the visual tokens (object tokens only),
+      whether the token is its object's first frame pair and the object's rank among the objects
+      of its shape so far: the two facts that counting and ordering need, which no single frame
+      pair shows (weight `decoder`, 0: off)."""
 
-    def __init__(self, model):
+    def __init__(self, model, decoder: float = 0.0, layer: int = 2):
         super().__init__()
         d = model.config.text_config.hidden_size
         self.color = torch.nn.Linear(d, len(COLORS) + 1)
         self.shape = torch.nn.Linear(d, len(SHAPES) + 1)
-        self.visual = None
+        self.start = torch.nn.Linear(d, 3)
+        self.rank = torch.nn.Linear(d, 5)
+        self.decoder = decoder
+        self.visual = self.hidden = None
         model.model.visual.merger.register_forward_hook(lambda m, i, o: setattr(self, "visual", o))
+        if decoder:
+            hook = lambda m, i, o: setattr(self, "hidden", o[0] if isinstance(o, tuple) else o)  # noqa: E731
+            model.model.language_model.layers[layer - 1].register_forward_hook(hook)
 
-    def loss(self, aux: dict) -> torch.Tensor:
+    def loss(self, aux: dict, visual_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`visual_mask` [B, L]: where the visual tokens are in the decoder's input."""
         f = torch.nn.functional.cross_entropy
         v = self.visual.float()
         m = aux["shape"] > 0
-        return f(self.color(v), aux["color"]) + f(self.shape(v[m]), aux["shape"][m])
+        out = f(self.color(v), aux["color"]) + f(self.shape(v[m]), aux["shape"][m])
+        if self.decoder and visual_mask is not None:
+            h = self.hidden[visual_mask].float()[m]                              # [N_obj, d]
+            out = out + self.decoder * (f(self.start(h), aux["start"][m]) + f(self.rank(h), aux["rank"][m]))
+        return out
+
+
+class AttentionSupervision:
+    """Training-only auxiliary loss on the decoder's attention (no parameters, nothing saved):
+    at every position that predicts an answer token, the query heads `heads` of decoder layer
+    `layer` (1-based) should put their attention on the visual tokens of the objects the question
+    is about (order: every object of the asked shape; count: likewise; identify: the one object of
+    the asked colour). The loss is -log(mass on those tokens), averaged over rows and heads.
+
+    It runs inside the model's own attention call (a registered transformers attention function
+    that computes SDPA as usual and, for that one layer, the softmax of the few supervised rows
+    against every key: rows x keys, never keys x keys)."""
+
+    NAME = "mmkv_train_probe"
+
+    def __init__(self, model, layer: int, heads: list[int]):
+        from transformers import AttentionInterface
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        self.layer, self.heads = layer - 1, list(heads)
+        self.rows = self.targets = self.loss = None
+
+        def attention(module, query, key, value, attention_mask, **kwargs):
+            if module.layer_idx == self.layer and self.rows is not None:
+                self._capture(module, query, key, kwargs.get("scaling") or module.scaling)
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+        AttentionInterface.register(self.NAME, attention)
+        AttentionMaskInterface.register(self.NAME, sdpa_mask)
+        model.set_attn_implementation({"text_config": self.NAME})
+
+    def set(self, rows: torch.Tensor, targets: torch.Tensor) -> None:
+        """rows [B, R] (positions, -1 = none), targets [B, R, L] bool (the keys each row should attend)."""
+        self.rows, self.targets, self.loss = rows, targets, None
+
+    def _capture(self, module, query, key, scaling: float) -> None:
+        b, hq, n, d = query.shape
+        g = hq // key.shape[1]
+        heads = torch.tensor(self.heads, device=query.device)
+        rows = self.rows.clamp_min(0)                                              # [B, R]
+        q = query[:, heads].gather(2, rows[:, None, :, None].expand(b, len(heads), -1, d))  # [B, h, R, d]
+        k = key[:, heads // g]                                                     # [B, h, L, d]
+        sc = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scaling         # [B, h, R, L]
+        causal = torch.arange(n, device=query.device)[None, None, :] <= rows[:, :, None]   # [B, R, L]
+        sc = sc.masked_fill(~causal[:, None], float("-inf"))
+        logp = sc.log_softmax(-1)
+        tgt = self.targets[:, None]                                                # [B, 1, R, L]
+        mass = logp.masked_fill(~tgt, float("-inf")).logsumexp(-1)                 # [B, h, R] log mass
+        valid = (self.rows >= 0)[:, None].expand_as(mass)
+        self.loss = -(mass[valid]).mean()
 
 
 def batch_vision_attention(model) -> None:
-    """Training speed: transformers' Qwen2-VL vision attention (without flash-attention) runs one
+    """Training speed (the patch embedding as one matmul, below, too): transformers' Qwen2-VL vision attention (without flash-attention) runs one
     SDPA call per frame pair, a Python loop over hundreds of 64-patch chunks per layer and step,
     which was ~80% of a CPU step. Every chunk here has the same length, so this instance-level
     forward reshapes them into one batch and calls SDPA once (same result, checked below). Only
@@ -186,6 +356,15 @@ def batch_vision_attention(model) -> None:
     for blk in model.model.visual.blocks:
         blk.attn.forward = types.MethodType(forward, blk.attn)
 
+    def patch_embed(self, hidden_states):
+        # Conv3d with kernel = stride over a whole patch is one matmul with the flattened kernel:
+        # the same result, and its weight gradient is ~3x cheaper on CPU than the convolution's.
+        w = self.proj.weight
+        return F.linear(hidden_states.to(w.dtype), w.reshape(w.shape[0], -1), self.proj.bias)
+
+    pe = model.model.visual.patch_embed
+    pe.forward = types.MethodType(patch_embed, pe)
+
 
 def check_batched_vision(model, batcher) -> None:
     ex = make_long_example(TRAIN_SEED_LIMIT - 1, 96)
@@ -198,11 +377,42 @@ def check_batched_vision(model, batcher) -> None:
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
-def frames_for_step(step: int, steps: int, max_frames: int, rng: np.random.Generator) -> int:
-    """Curriculum: 96-frame videos first, up to max_frames from 70% of the steps on (multiples of 32)."""
-    f = min(1.0, step / (0.7 * steps))
-    hi = 96 + (max_frames - 96) * f
-    return int(rng.integers(3, int(hi) // 32 + 1)) * 32
+def frames_for_step(step: int, steps: int, max_frames: int, rng: np.random.Generator, min_frames: int = 16,
+                    full_at: float = 0.7) -> int:
+    """Curriculum: videos of `min_frames` first; the longest grows quadratically to `max_frames`
+    at `full_at` of the steps; each step draws its length uniformly up to that (multiples of 8).
+    Below MIN_FRAMES the videos are `short_example`s."""
+    f = min(1.0, step / (full_at * steps)) ** 2
+    hi = min_frames + (max_frames - min_frames) * f
+    return int(rng.integers(min_frames // 8, int(hi) // 8 + 1)) * 8
+
+
+def example(seed: int, frames: int, codec: bool = True):
+    """Task v2's example of (`seed`, `frames`). With `codec` its frames go through the mp4 round
+    trip the held-out videos take (mmkv.synthetic.write_video, MPEG-4 part 2, then decoded as
+    mmkv.io decodes it): the model trains on the pixels it is tested on, ringing included."""
+    ex = make_long_example(int(seed), frames) if frames >= MIN_FRAMES else short_example(int(seed), frames)
+    if codec:
+        import tempfile
+
+        import cv2
+
+        from mmkv.synthetic import write_video
+
+        with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as d:
+            path = os.path.join(d, "v.mp4")
+            write_video(path, ex.frames, FPS)
+            cap, out = cv2.VideoCapture(path), []
+            while True:
+                ok, f = cap.read()
+                if not ok:
+                    break
+                out.append(f[:, :, ::-1])
+            cap.release()
+        if len(out) != frames:
+            raise RuntimeError(f"the mp4 round trip gave {len(out)} frames, not {frames}")
+        ex.frames = np.ascontiguousarray(np.stack(out))
+    return ex
 
 
 def to_device(inputs: dict, device) -> dict:
@@ -210,17 +420,18 @@ def to_device(inputs: dict, device) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, batcher, seeds, frames: int, device, batch: int = 2) -> dict:
+def evaluate(model, batcher, seeds, frames: int, device, batch: int = 2, codec: bool = True) -> dict:
     """Exact-match accuracy per question kind under teacher forcing (an answer counts only if
     every one of its tokens, and the end-of-turn token, is the argmax: exactly what greedy
     decoding would produce given the earlier turns)."""
     model.eval()
     hits: dict[str, list[int]] = {}
     for s in range(0, len(seeds), batch):
-        exs = [make_long_example(int(x), frames) for x in seeds[s:s + batch]]
+        exs = [example(int(x), frames, codec) for x in seeds[s:s + batch]]
         inputs = to_device(batcher(exs), device)
         spans = inputs.pop("spans")
         inputs.pop("aux")
+        inputs.pop("probe")
         labels = inputs.pop("labels")
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(**inputs, logits_to_keep=0).logits
@@ -247,6 +458,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--eval-n", type=int, default=24, help="validation videos per evaluation (0: none)")
     ap.add_argument("--final-frames", default="1024,2048", help="frame counts of the final validation")
     ap.add_argument("--tokens-per-batch", type=int, default=TOKENS_PER_BATCH)
+    ap.add_argument("--decoder-aux", type=float, default=0.0, help="weight of the decoder's auxiliary heads")
+    ap.add_argument("--decoder-aux-layer", type=int, default=2)
+    ap.add_argument("--attn-sup", type=float, default=0.0, help="weight of the attention supervision")
+    ap.add_argument("--attn-sup-layer", type=int, default=4)
+    ap.add_argument("--attn-sup-heads", default="0,1")
+    ap.add_argument("--min-frames", type=int, default=16, help="the curriculum's first video length")
+    ap.add_argument("--extra-questions", type=int, default=0,
+                    help="training conversations: the video's three questions and up to this many others")
+    ap.add_argument("--codec", action=argparse.BooleanOptionalAction, default=True,
+                    help="train on frames after the mp4 round trip the held-out videos take")
+    ap.add_argument("--eval-frames", type=int, default=256)
     ap.add_argument("--time-limit", type=float, default=0, help="stop early after this many minutes (0: none)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -259,25 +481,36 @@ def main(argv: list[str] | None = None) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params / 1e6:.2f}M, vocab {len(proc.tokenizer)}, steps {args.steps}, device {device}", flush=True)
     model.train()
-    heads = AuxHeads(model).to(device)
+    heads = AuxHeads(model, args.decoder_aux, args.decoder_aux_layer).to(device)
     params = list(model.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     val_seeds = list(range(TRAIN_SEED_LIMIT + 500_000, TRAIN_SEED_LIMIT + 500_000 + args.eval_n))
-    losses, t0, ema, aux_ema, steps_done = [], time.time(), None, None, 0
+    probe = AttentionSupervision(model, args.attn_sup_layer, [int(h) for h in args.attn_sup_heads.split(",")]) \
+        if args.attn_sup else None
+    loads: list[float] = []
+    losses, t0, c0, ema, aux_ema, att_ema, steps_done = [], time.time(), time.process_time(), None, None, None, 0
     for step in range(args.steps):
         rng = np.random.default_rng([args.seed, step])
-        frames = frames_for_step(step, args.steps, args.max_frames, rng)
-        bsz = max(1, args.tokens_per_batch // (frames // 2 * TOKENS_PER_SLOT))
-        exs = [make_long_example(int(s), frames) for s in rng.integers(0, TRAIN_SEED_LIMIT, bsz)]
-        inputs = to_device(batcher(exs), device)
+        frames = frames_for_step(step, args.steps, args.max_frames, rng, args.min_frames)
+        bsz = max(1, args.tokens_per_batch // (frames // 2 * TOKENS_PER_SLOT + TEXT_PER_QUESTION * (3 + args.extra_questions)))
+        exs = [example(int(s), frames, args.codec) for s in rng.integers(0, TRAIN_SEED_LIMIT, bsz)]
+        inputs = to_device(batcher(exs, [training_questions(ex, rng, args.extra_questions) for ex in exs]), device)
         aux = inputs.pop("aux")
         inputs.pop("spans")
+        probe_rows, probe_targets = inputs.pop("probe")
+        if probe:
+            probe.set(probe_rows.to(device), probe_targets.to(device))
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out = model(**inputs)
-            aux_loss = heads.loss(aux)
+            aux_loss = heads.loss(aux, inputs["input_ids"] == batcher.pad_id)
         loss = out.loss + AUX_WEIGHT * aux_loss
+        if probe:
+            att_loss = probe.loss
+            probe.rows = None                                  # evaluation and other calls: plain SDPA
+            loss = loss + args.attn_sup * att_loss
+            att_ema = att_loss.item() if att_ema is None else 0.98 * att_ema + 0.02 * att_loss.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -287,22 +520,26 @@ def main(argv: list[str] | None = None) -> dict:
         losses.append(out.loss.item())
         steps_done = step + 1
         if step % 25 == 0:
+            loads.append(os.getloadavg()[0])
             print(f"step {step:5d} frames {frames:4d} bsz {bsz:2d} loss {ema:.4f} aux {aux_ema:.3f} "
-                  f"lr {g['lr']:.2e} {time.time() - t0:6.0f}s", flush=True)
+                  + (f"att {att_ema:.3f} " if probe else "") +
+                  f"lr {g['lr']:.2e} {time.time() - t0:6.0f}s cpu {time.process_time() - c0:6.0f}s", flush=True)
         if args.eval_n and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
-            res = evaluate(model, batcher, val_seeds, min(256, args.max_frames), device)
-            print(f"  eval@{step + 1} (256 frames): " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()), flush=True)
+            res = evaluate(model, batcher, val_seeds, args.eval_frames, device, codec=args.codec)
+            print(f"  eval@{step + 1} ({args.eval_frames} frames): " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()), flush=True)
         if args.time_limit and time.time() - t0 > 60 * args.time_limit:
             print(f"time limit reached after {step + 1} steps", flush=True)
             break
-    train_s = time.time() - t0
+    train_s, train_cpu = time.time() - t0, time.process_time() - c0
     final = {}
     if args.eval_n:
         for f in [int(x) for x in args.final_frames.split(",") if x]:
-            final[str(f)] = evaluate(model, batcher, val_seeds, f, device, batch=1)
+            final[str(f)] = evaluate(model, batcher, val_seeds, f, device, batch=1, codec=args.codec)
             print(f"  final ({f} frames): " + ", ".join(f"{k} {v:.3f}" for k, v in final[str(f)].items()), flush=True)
     print(f"trained in {train_s / 60:.1f} min", flush=True)
 
+    if probe:
+        model.set_attn_implementation({"text_config": "sdpa"})
     model.to("cpu").float().eval()
     model.generation_config.do_sample = False
     model.generation_config.max_new_tokens = 12
@@ -316,6 +553,7 @@ def main(argv: list[str] | None = None) -> dict:
                       f"{TOKENS_PER_SLOT} visual tokens per frame pair",
             "train": {"steps": steps_done, "max_frames": args.max_frames, "lr": args.lr, "seed": args.seed,
                       "threads": args.threads, "device": str(device), "minutes": round(train_s / 60, 1),
+                      "cpu_minutes": round(train_cpu / 60, 1), "load_average": round(float(np.mean(loads)), 1),
                       "tokens_per_batch": args.tokens_per_batch,
                       "command": "python tools/train_long.py " + " ".join(sys.argv[1:] if argv is None else argv)},
             "validation": final, "validation_note": "teacher-forced exact match on held-out seeds 1,500,000+"}

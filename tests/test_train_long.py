@@ -1,0 +1,99 @@
+"""The training script of the long-video model (tools/train_long.py): a short run learns and writes a
+checkpoint mmkv loads; the token ids it trains on are the processor's; its training-only data (short
+videos, extra questions) answers what the pixels show; its speed tricks leave the model's outputs
+unchanged."""
+import importlib.util
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import mmkv
+from mmkv.synthetic.long import make_long_example
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from test_synthetic_long import answer_from_pixels, read_objects  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def train():
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    spec = importlib.util.spec_from_file_location("train_long", os.path.join(ROOT, "tools", "train_long.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["train_long"] = mod            # its dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def built(train):
+    model, proc = train.build_model(0)
+    return model, proc, train.LongBatcher(model, proc)
+
+
+def test_short_training_run_learns_and_saves(train, tmp_path):
+    out = str(tmp_path / "m")
+    res = train.main(["--steps", "16", "--max-frames", "24", "--min-frames", "16", "--tokens-per-batch", "1024",
+                      "--threads", "2", "--eval-n", "0", "--extra-questions", "2", "--out", out])
+    losses = res["losses"]
+    assert len(losses) == 16 and np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3])
+    card = json.load(open(os.path.join(out, "mmkv.json")))
+    assert card["trained"] is True and card["train"]["steps"] == 16 and card["train"]["cpu_minutes"] > 0
+    pipe = mmkv.load(out)  # the real loading path: config -> adapter -> from_pretrained
+    assert pipe.note == ""
+    ex = make_long_example(3, 96)
+    r = pipe.generate(ex.frames, ex.questions[0].text, max_new_tokens=3)
+    assert r.stats.visual_tokens_in == 48 * 16 and r.stats.prompt_tokens > 768
+
+
+def test_conversation_ids_are_the_processors(train, built):
+    """The ids a training conversation is built from (mmkv's adapter: prefix, question, follow-up
+    turns) are the processor's tokenization of the same chat, video expanded; the patches too."""
+    model, proc, batcher = built
+    ex = make_long_example(7, 96)
+    msgs = []
+    for i, q in enumerate(ex.questions):
+        content = ([{"type": "video"}] if i == 0 else []) + [{"type": "text", "text": q.text}]
+        msgs += [{"role": "user", "content": content},
+                 {"role": "assistant", "content": [{"type": "text", "text": q.answer}]}]
+    text = proc.apply_chat_template(msgs, tokenize=False)
+    ref = proc(text=[text], videos=[ex.frames], return_tensors="pt", do_sample_frames=False,
+               cap_pixels_per_frame=False)
+    ids, labels, spans = batcher.conversation(train.official(ex), 48 * 16)
+    want = ref["input_ids"][0].tolist()
+    assert want[-1] == proc.tokenizer("\n")["input_ids"][0]   # the template's newline after the last turn
+    assert ids == want[:-1]
+    assert [proc.tokenizer.decode(ids[a:b]) for a, b in spans] == [q.answer + "<|im_end|>" for q in ex.questions]
+    assert all(lab == -100 for i, lab in enumerate(labels) if not any(a <= i < b for a, b in spans))
+    pix, grid = batcher.patchify(ex.frames)
+    assert grid == ref["video_grid_thw"][0].tolist()
+    torch.testing.assert_close(pix, ref["pixel_values_videos"], atol=1e-5, rtol=1e-5)
+
+
+def test_speed_tricks_leave_the_vision_output_unchanged(train):
+    model, proc = train.build_model(1)
+    train.check_batched_vision(model, train.LongBatcher(model, proc))   # raises if they differ
+
+
+def test_training_questions_are_what_the_pixels_show(train):
+    """Short training videos and the extra questions of full ones: every answer is read back from
+    the rendered frames; the mp4 round trip the training frames take keeps them close."""
+    for seed in range(12):
+        frames = [16, 40, 64, 96, 160][seed % 5]
+        ex = train.example(seed, frames, codec=False)
+        qs = train.training_questions(ex, np.random.default_rng(seed), 5)
+        assert ex.frames.shape == (frames, 112, 112, 3) and qs
+        if frames >= 96:
+            assert {(q.text, q.answer) for q in ex.questions} <= {(q.text, q.answer) for q in qs}
+        events = read_objects(ex.frames)
+        for q in qs:
+            assert answer_from_pixels(q.text, events) == q.answer, (seed, frames, q)
+        if seed < 3:
+            coded = train.example(seed, frames, codec=True).frames
+            err = np.abs(coded.astype(int) - ex.frames.astype(int))
+            assert coded.shape == ex.frames.shape and 0 < err.mean() < 8
