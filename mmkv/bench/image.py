@@ -187,9 +187,11 @@ def main(args, protocol: str) -> int:
     if args.frames not in (None, 1):
         raise InputError("--frames is for videos; the image task has one image per question set (leave it out)")
     n, model = args.n or 100, args.model or DEFAULT_MODEL
+    recipes = RECIPES if not args.recipes else [(r.strip(), r.strip()) for r in args.recipes.split(";") if r.strip()]
+    from .quality import check_before_data
+    check_before_data(model, recipes)
     data_dir = args.data_dir or os.path.join(CACHE_DIR, f"hires_heldout_{args.seed}")
     images = dataset(data_dir, n, args.seed)
-    recipes = RECIPES if not args.recipes else [(r.strip(), r.strip()) for r in args.recipes.split(";") if r.strip()]
     records = (args.json + ".records.jsonl") if args.json else os.path.join(data_dir, f"records_{protocol}.jsonl")
     print(f"model {model}; {len(images)} held-out images, {3 * len(images)} questions (seed {args.seed}); "
           f"protocol {protocol}; data {data_dir}; records {records}")

@@ -1,11 +1,14 @@
 """Quality benchmark: accuracy against compression on held-out synthetic needle videos.
 
-Two tasks (`--task`):
+Three tasks (`--task`):
 - `needle` (default, the quick one): the multiple-choice needle task (mmkv.synthetic), 56 px
   videos of 256 frames, the bundled `mmkv-tiny`; described below.
 - `long`: task v2 (mmkv.synthetic.long), 112 px videos of 256-2,048+ frames (8K+ visual
   tokens at 1,024), three open questions per video, protocols `encode`, `ask` and `multiturn`,
   paired 95% intervals; the bundled `mmkv-long` (mmkv/bench/long.py).
+- `image`: the high-resolution AnyRes image task (mmkv.synthetic.hires), 252 px images in a
+  thumbnail and 3x3 crops, for GlobalCom² against pooling, random keep and uniform per-crop
+  retention at the same budget; the bundled `mmkv-hires` (mmkv/bench/image.py).
 
     mmkv bench quality --task long --frames 1024 --protocol encode --n 200 --recipes 'none;kivi:2' --json out.json
 
@@ -29,11 +32,11 @@ Adding a recipe to the table is one line in RECIPES.
 KV presses and the answer. The answers are one letter, and the first generated token comes from
 the prefill itself: a KV press that compresses after the whole prompt is prefilled (the papers'
 setting, `compress_at="ask"`) cannot change it. So the table runs with `compress_at="encode"`:
-query-agnostic KV presses (StreamingLLM, KIVI, VidKV, Elastic Cache) compress the video's cache
-before the question is prefilled, and the question and the answer are computed over the
-compressed cache (kvpress's protocol). Query-aware presses (LOOK-M, VidKV's STP needs the
-question too) still compress after the question, so on this task their accuracy equals the
-uncompressed model's by construction; their bytes are real.
+query-agnostic KV presses (StreamingLLM, KIVI, Elastic Cache, LOOK-M before the question, the
+eviction presses of docs/kv_agnostic.md) compress the video's cache before the question is
+prefilled, and the question and the answer are computed over the compressed cache (kvpress's
+protocol). A press that needs the question (VidKV's STP) still compresses after it, so on this
+task its accuracy equals the uncompressed model's by construction; its bytes are real.
 """
 from __future__ import annotations
 
@@ -53,10 +56,10 @@ RECIPES: list[tuple[str, str]] = [
     ("extreme", "preset: " + PRESETS["extreme"]),
     # visual tokens: equal budgets, then each method's curve against the kept ratio
     ("pvc", "PVC training-free, default (<= 64 tokens/slot, novelty > 0.1)"),
-    ("pvc:ratio=0.5", "PVC <= 50% per slot"),
-    ("pvc:ratio=0.25", "PVC <= 25% per slot"),
-    ("pvc:ratio=0.25,merge=false", "PVC <= 25% per slot, no merging"),
-    ("pvc:ratio=0.125", "PVC <= 12.5% per slot"),
+    ("pvc:ratio=0.5", "PVC <= 50% of the video"),
+    ("pvc:ratio=0.25", "PVC <= 25% of the video"),
+    ("pvc:ratio=0.25,merge=false", "PVC <= 25% of the video, no merging"),
+    ("pvc:ratio=0.125", "PVC <= 12.5% of the video"),
     ("evs:0.5", "EVS (vLLM) 50%"),
     ("evs:0.25", "EVS (vLLM) 25%"),
     ("evs:0.125", "EVS (vLLM) 12.5%"),
@@ -283,6 +286,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="show per-recipe progress (--no-progress for logs)")
 
 
+def check_before_data(model: str, recipes: list[tuple[str, str]]) -> None:
+    """Before any held-out data is written or model loaded: a bundled model that is missing, a
+    recipe that does not parse (raises ModelError / InputError)."""
+    from ..models.loading import resolve_model
+    from ..recipe import Recipe
+
+    resolve_model(model)
+    for spec, _ in recipes:
+        Recipe.parse(spec)
+
+
 def main(args) -> int:
     from ..errors import InputError
     from ..models.loading import CACHE_DIR
@@ -296,9 +310,10 @@ def main(args) -> int:
         from .image import main as _main_image
         return _main_image(args, protocol)
     frames, n, model = args.frames or 256, args.n or 100, args.model or "mmkv-tiny"
+    recipes = RECIPES if not args.recipes else [(r.strip(), r.strip()) for r in args.recipes.split(";") if r.strip()]
+    check_before_data(model, recipes)
     data_dir = args.data_dir or os.path.join(CACHE_DIR, f"needle_heldout_{frames}_{args.seed}")
     rows = dataset(data_dir, n, frames, args.seed)
-    recipes = RECIPES if not args.recipes else [(r.strip(), r.strip()) for r in args.recipes.split(";") if r.strip()]
     print(f"model {model}; {len(rows)} held-out videos of {frames} frames (seed {args.seed}); data {data_dir}")
     results = run(model, recipes, rows, data_dir, progress=args.progress, compress_at=protocol)
     print(table(results))
@@ -313,10 +328,11 @@ def _main_long(args, protocol: str) -> int:
     from . import long
 
     frames, n, model = args.frames or 1024, args.n or 200, args.model or long.DEFAULT_MODEL
-    data_dir = args.data_dir or os.path.join(CACHE_DIR, f"long_heldout_{frames}_{args.seed}")
-    videos = long.dataset(data_dir, n, frames, args.seed)
     recipes = long.RECIPES if not args.recipes else [(r.strip(), r.strip()) for r in args.recipes.split(";")
                                                       if r.strip()]
+    check_before_data(model, recipes)
+    data_dir = args.data_dir or os.path.join(CACHE_DIR, f"long_heldout_{frames}_{args.seed}")
+    videos = long.dataset(data_dir, n, frames, args.seed)
     records = (args.json + ".records.jsonl") if args.json else os.path.join(data_dir, f"records_{protocol}.jsonl")
     print(f"model {model}; {len(videos)} held-out videos of {frames} frames, {3 * len(videos)} questions "
           f"(seed {args.seed}); protocol {protocol}; data {data_dir}; records {records}")
