@@ -264,6 +264,12 @@ def test_renderer_shows_each_chunk(pipes):
     assert chunks_image(r, width=120).size == (120, 40)
     with pytest.raises(ValueError, match="bilevel"):
         chunk_usage(pipes["qwen2_vl"].generate(frames_for("qwen2_vl", n=4), Q, max_new_tokens=1))
+    # the demo's per-answer panel shows the strip (and nothing of it for other recipes)
+    from mmkv.demo.render import layers_html
+    page = layers_html(r.stats)
+    assert "chunks brought back dense for this answer" in page and page.count("title=") == n
+    plain = pipes["qwen2_vl"].generate(frames_for("qwen2_vl", n=4), Q, max_new_tokens=1)
+    assert "chunks brought back" not in layers_html(plain.stats)
 
 
 def test_long_bench_reports_device_and_offloaded_bytes(tiny_dir, tmp_path):

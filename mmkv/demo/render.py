@@ -116,6 +116,17 @@ def _per_layer_series(stats) -> list[tuple[str, list[float]]]:
     return out
 
 
+def _bilevel_chunks(stats) -> str:
+    """Bi-level KV (Video-XL-2): which chunks, with their times, the last answer brought back
+    dense (a strip over the video's time line; empty for other recipes)."""
+    ex = getattr(stats, "extra", None) or {}
+    if ex.get("bilevel_chunk_spans") is None:
+        return ""
+    from ..cache.bilevel.render import chunks_html
+
+    return '<div class="mmkv-sub">chunks brought back dense for this answer</div>' + chunks_html(stats)
+
+
 def layers_html(stats) -> str:
     """Figures per layer: one bar per layer for every per-layer series; shares in percent,
     counts as counts."""
@@ -124,9 +135,11 @@ def layers_html(stats) -> str:
     from .labels import fmt, kind
 
     series = _per_layer_series(stats)
+    chunks = _bilevel_chunks(stats)
     if not series:
-        return _section("Per layer", '<div class="mmkv-note">no per-layer figures for this run</div>', "mmkv-layers")
-    parts = []
+        return _section("Per layer", chunks + '<div class="mmkv-note">no per-layer figures for this run</div>',
+                        "mmkv-layers")
+    parts = [chunks]
     for name, vals in series:
         how = kind(vals)
         top = max([abs(v) for v in vals] + [1e-12])
