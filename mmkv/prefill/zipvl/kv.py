@@ -41,7 +41,8 @@ def compress_layer(policy, layer, a: torch.Tensor | None, nnz: torch.Tensor | No
     sel = rpos[entries].to(a.device)
     p = adaptive_budget(a[sel], policy.tau, policy.ratio)
     keep = entries[select_important(a[sel], nnz[sel], p).to(entries.device)]
-    store(policy, layer, keep, entries)
+    with layer.quantizing():  # a NonFiniteError names the layer
+        store(policy, layer, keep, entries)
     return p, int(entries.numel())
 
 
