@@ -95,7 +95,8 @@ def _run_row(argv: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def memory(args) -> None:
+def _rows(args) -> list[dict]:
+    """One subprocess per (frames, recipe); each row echoed to stderr as it completes."""
     rows = []
     for frames in args.frame_counts:
         for recipe in args.recipes:
@@ -103,6 +104,11 @@ def memory(args) -> None:
                           str(args.layers), "--side", str(args.side), "--threads", str(args.threads)])
             rows.append(r)
             print(json.dumps(r), file=sys.stderr, flush=True)
+    return rows
+
+
+def memory(args) -> None:
+    rows = _rows(args)
     print(f"{args.shape}-shaped decoder, {args.layers} layers, {args.side} px frames, fp32, "
           f"{rows[0]['bytes_per_token']} KV bytes per token uncompressed; one run each\n")
     print("| recipe | frames | prompt tokens | uncompressed KV MiB | device KV MiB (encoded / answering) | "
@@ -116,13 +122,7 @@ def memory(args) -> None:
 
 
 def prefill(args) -> None:
-    rows = []
-    for frames in args.frame_counts:
-        for recipe in args.recipes:
-            r = _run_row(["--recipe", recipe, "--frames", str(frames), "--shape", args.shape, "--layers",
-                          str(args.layers), "--side", str(args.side), "--threads", str(args.threads)])
-            rows.append(r)
-            print(json.dumps(r), file=sys.stderr, flush=True)
+    rows = _rows(args)
     print(f"{args.shape}-shaped decoder ({args.layers} layers: the time ratio is per layer), {args.side} px frames, "
           f"fp32, {args.threads} thread(s); prefill of the video prefix at encode (process CPU time, and wall "
           "time); one run each\n")
