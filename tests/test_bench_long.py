@@ -101,3 +101,25 @@ def test_missing_model_or_bad_recipe_is_refused_before_any_data(tmp_path, task, 
     assert "mmkv-long" in capsys.readouterr().err
     assert main(base + ["--model", "mmkv-tiny", "--recipes", "none;kivi:bits=2,bits=4"]) == 2 and not data.exists()
     assert "bits" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_headline_recipes_all_run_under_encode(tiny_dir, tmp_path):
+    """Every row of the headline table runs on a short v2 video under `encode` (or is marked
+    skipped with its reason), with the bytes and fractions the contract names."""
+    from mmkv.bench import long
+
+    data = tmp_path / "d"
+    videos = long.dataset(str(data), 1, 96, long.HELD_OUT_SEED)
+    res = long.run(tiny_dir["qwen2_vl"], long.RECIPES, videos, str(data), "encode", 96, str(tmp_path / "r.jsonl"),
+                   progress=False)
+    assert [r["recipe"] for r in res] == [s for s, _ in long.RECIPES]
+    for r in res:
+        if r["skipped"]:
+            assert r["recipe"] == "vidkv" and "question" in r["skipped"]
+            continue
+        assert r["n"] == 3 and 0 < r["kv_bytes_ratio"] <= 1.0 + 1e-9, r
+        assert 0 < r["visual_kept_fraction"] <= 1 and r["bits_per_element"] > 0
+    by = {r["recipe"]: r for r in res}
+    assert by["bilevel"]["offloaded_bytes_ratio"] > 0.5 and by["bilevel"]["kv_bytes_ratio"] < 0.5
+    assert by["observed:0.75,share=1,probes=16+kivi:2"]["kv_bytes_ratio"] < by["observed:0.75,share=1,probes=16"]["kv_bytes_ratio"]
