@@ -74,6 +74,16 @@ class StateSlice:
         return self._k(k) in self.state
 
 
+def text_rows(ctx, q_start: int, lq: int) -> torch.Tensor:
+    """Indices, within a block of `lq` query rows starting at `q_start`, of the text rows: those
+    typed TEXT in the prompt, plus any rows past the typed prompt (proxy text, appended later)."""
+    rows = (ctx.token_type[q_start:q_start + lq] == TEXT).nonzero().squeeze(1)
+    extra = max(0, q_start + lq - len(ctx.token_type))
+    if extra:
+        rows = torch.cat([rows, torch.arange(lq - extra, lq)])
+    return rows
+
+
 def row_counts(qpos: torch.Tensor, length: int) -> torch.Tensor:
     """[length] fp32: for every sequence index j < length, how many rows (sequence indices qpos)
     can see key j, i.e. how many qpos >= j."""
@@ -217,11 +227,7 @@ class TextImportance(Importance):
 
     def observe(self, state, idx, layer, query, key, value, scaling, q_start, ctx):
         lq = query.shape[2]
-        tt = ctx.token_type[q_start:q_start + lq]
-        rows = (tt == TEXT).nonzero().squeeze(1)
-        extra = max(0, q_start + lq - len(ctx.token_type))           # rows past the typed prompt (proxy text)
-        if extra:
-            rows = torch.cat([rows, torch.arange(lq - extra, lq)])
+        rows = text_rows(ctx, q_start, lq)
         if rows.numel() == 0:
             return
         kpos = key_positions(layer, key)

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 
 from ..stages import check, register
 from .base import TEXT, KVPress
-from .importance import Importance, StateSlice, make_importance
+from .importance import Importance, StateSlice, make_importance, text_rows
 from .scores import accumulate, attention_received, entry_scores, gather_entries, key_positions, sequence_order
 
 VARIANTS = ("pivotal", "averaged", "weighted", "none")
@@ -234,11 +234,7 @@ class LOOKM(KVPress):
         lq = query.shape[2]
         rows = None
         if self.probe == "text":
-            tt = ctx.token_type[q_start:q_start + lq]
-            rows = (tt == TEXT).nonzero().squeeze(1)
-            extra = max(0, q_start + lq - len(ctx.token_type))  # proxy rows after the typed prompt
-            if extra:
-                rows = torch.cat([rows, torch.arange(lq - extra, lq)])
+            rows = text_rows(ctx, q_start, lq)
             if rows.numel() == 0:
                 return
         kpos = key_positions(layer, key)
