@@ -5,23 +5,27 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
+import threading
 
 import pytest
 
 from demo_support import FRAMES, SAMPLE, _CountingDemo, _free_port, _upload, browser  # noqa: F401
 from mmkv.demo.core import DemoConfig
 
-ENCODE_DELAY = 2.0   # seconds an encoding waits after its first progress step (so the test sees it)
+HOLD_S = 60.0   # the longest an encoding waits for the test to let it go on
 
 
 class _SlowEncodeDemo(_CountingDemo):
-    """Encodings that take a while, as a long video does: the first progress step, then a pause."""
+    """Encodings that take a while, as a long video does: the first progress step, then a pause
+    until the test has looked at the page (`hold` cleared) -- an event, not a fixed sleep, so that
+    a loaded machine cannot finish the encoding before the page is checked."""
+
+    hold = threading.Event()
 
     def encode(self, *a, progress=None, **kw):
         if progress:
             progress(0.0, "decoding + encoding frames (0/2)")
-        time.sleep(ENCODE_DELAY)
+        self.hold.wait(HOLD_S)
         return super().encode(*a, progress=progress, **kw)
 
 
@@ -31,6 +35,7 @@ def slow_server():
     from mmkv.demo.app import close, launch
 
     config = DemoConfig(frames=FRAMES, max_new_tokens=64, max_upload="5mb")
+    _SlowEncodeDemo.hold.set()                    # encodings go on unless a test holds them
     app = launch(config, port=_free_port(), block=False, quiet=True, demo=_SlowEncodeDemo(config))
     yield app
     close(app)
@@ -143,19 +148,23 @@ def test_page_at_laptop_and_phone_width(slow_server, browser, width, height):
     page.locator("#mmkv-fps input").fill("2")
     box.fill("What color is the shape?")
 
-    page.locator("#mmkv-encode").click()
-    page.evaluate("window.scrollTo(0, 0)")
-    box.press("Enter")
-    with items.item("a question asked while the video encodes is in the chat at once, with the progress"):
-        expect(page.locator("#mmkv-chat .message.user")).to_have_count(1, timeout=ENCODE_DELAY * 1000 / 2)
-        expect(page.locator("#mmkv-chat .message.user").first).to_contain_text("What color is the shape?")
-        expect(bot.first).to_contain_text("waiting: the video is being encoded: decoding + encoding frames",
-                                          timeout=ENCODE_DELAY * 1000 / 2)
-        if height <= 768:  # a laptop with the page at the top: the chat and the question box are in view
-            page.evaluate("window.scrollTo(0, 0)")
-            expect(box).to_be_in_viewport()
-            expect(bot.first).to_be_in_viewport()                           # the progress is where the user looks
-    box.fill("a draft typed meanwhile")
+    _SlowEncodeDemo.hold.clear()
+    try:
+        page.locator("#mmkv-encode").click()
+        page.evaluate("window.scrollTo(0, 0)")
+        box.press("Enter")
+        with items.item("a question asked while the video encodes is in the chat at once, with the progress"):
+            expect(page.locator("#mmkv-chat .message.user")).to_have_count(1)
+            expect(page.locator("#mmkv-chat .message.user").first).to_contain_text("What color is the shape?")
+            expect(bot.first).to_contain_text("waiting: the video is being encoded: decoding + encoding frames")
+            expect(status).not_to_contain_text("Answered about sample.mp4", timeout=1_000)  # still encoding
+            if height <= 768:  # a laptop with the page at the top: the chat and the question box are in view
+                page.evaluate("window.scrollTo(0, 0)")
+                expect(box).to_be_in_viewport()
+                expect(bot.first).to_be_in_viewport()                       # the progress is where the user looks
+        box.fill("a draft typed meanwhile")
+    finally:
+        _SlowEncodeDemo.hold.set()
     expect(status).to_contain_text("Answered about sample.mp4", timeout=120_000)
     with items.item("the queued question is answered with one letter, and the box keeps what was typed since"):
         expect(bot).to_have_count(1)
@@ -203,12 +212,16 @@ def test_a_second_question_waits_for_the_first(slow_server, browser):
     expect(page.locator("#mmkv-status")).to_contain_text("Ready: sample.mp4")
     box = page.locator("#mmkv-question textarea")
     users, bots = page.locator("#mmkv-chat .message.user"), page.locator("#mmkv-chat .message.bot")
-    for i, q in enumerate(("first question?", "second question?")):
-        box.fill(q)
-        box.press("Enter")
-        expect(users).to_have_count(i + 1, timeout=5_000)                 # shown at once, the first still encoding
-    expect(bots.first).to_contain_text("encoding")
-    expect(bots.nth(1)).to_contain_text("waiting")
+    _SlowEncodeDemo.hold.clear()
+    try:
+        for i, q in enumerate(("first question?", "second question?")):
+            box.fill(q)
+            box.press("Enter")
+            expect(users).to_have_count(i + 1, timeout=15_000)            # shown at once, the first still encoding
+        expect(bots.first).to_contain_text("encoding")
+        expect(bots.nth(1)).to_contain_text("waiting")
+    finally:
+        _SlowEncodeDemo.hold.set()
     expect(page.locator("#mmkv-status")).to_contain_text("Answered about sample.mp4", timeout=120_000)
     expect(bots.nth(1)).not_to_contain_text("⏳", timeout=60_000)
     assert [b.strip() in ("A", "B", "C", "D") for b in bots.all_inner_texts()] == [True, True]
