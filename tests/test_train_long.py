@@ -97,3 +97,70 @@ def test_training_questions_are_what_the_pixels_show(train):
             coded = train.example(seed, frames, codec=True).frames
             err = np.abs(coded.astype(int) - ex.frames.astype(int))
             assert coded.shape == ex.frames.shape and 0 < err.mean() < 8
+
+
+def test_vision_stage_trains_the_tower_alone_then_freezes_it(train, tmp_path):
+    """Stage 1 (`--vision-steps`) changes the vision tower and not the decoder, and its token
+    accuracies are reported; with `--freeze-vision` the decoder stage leaves the tower as stage 1
+    left it (no gradient reaches it) while the decoder changes."""
+    model, proc = train.build_model(2)
+    batcher = train.LongBatcher(model, proc)
+    heads = train.AuxHeads(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    acc = train.pretrain_vision(model, batcher, heads, steps=3, seed=0, device=torch.device("cpu"), videos=2,
+                                frames=16, log=lambda m: None)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("model.visual.") for k in changed), sorted(changed)[:5]
+    assert set(acc) == {"color", "shape", "none"} and all(0 <= a <= 1 for a in acc.values())
+
+    out = str(tmp_path / "m")
+    train.main(["--steps", "3", "--vision-steps", "2", "--freeze-vision", "--max-frames", "16", "--min-frames", "16",
+                "--tokens-per-batch", "512", "--eval-n", "0", "--out", out, "--seed", "5"])
+    card = json.load(open(os.path.join(out, "mmkv.json")))
+    assert card["vision_stage"]["steps"] == 2
+    # the same seed's run without the decoder stage: its vision tower is the frozen one
+    ref = str(tmp_path / "r")
+    train.main(["--steps", "0", "--vision-steps", "2", "--freeze-vision", "--max-frames", "16", "--min-frames", "16",
+                "--eval-n", "0", "--out", ref, "--seed", "5"])
+    from safetensors.torch import load_file
+
+    a, b = load_file(os.path.join(out, "model.safetensors")), load_file(os.path.join(ref, "model.safetensors"))
+    vis = [k for k in a if "visual" in k]
+    dec = [k for k in a if k.startswith("model.layers.")]          # the decoder (saved in HF's layout)
+    assert vis and all(torch.equal(a[k], b[k]) for k in vis)
+    assert any(not torch.equal(a[k], b[k]) for k in dec)
+
+
+def test_time_schedule_ends_the_run_when_the_time_is_spent(train, tmp_path):
+    """`--time-schedule`: the schedules follow the elapsed share of `--time-limit`, so a run whose
+    time is spent stops (annealed) before its step count, and says so in its card."""
+    out = str(tmp_path / "m")
+    res = train.main(["--steps", "50", "--time-limit", "0.002", "--time-schedule", "--max-frames", "16",
+                      "--min-frames", "16", "--tokens-per-batch", "256", "--eval-n", "0", "--out", out])
+    card = json.load(open(os.path.join(out, "mmkv.json")))
+    assert 1 <= card["train"]["steps"] < 50 and len(res["losses"]) == card["train"]["steps"]
+
+
+def test_time_offsets_move_only_the_videos_temporal_positions(train, built):
+    """`--time-offset`: a training video's temporal positions move by one offset per video, inside
+    the span; its height / width positions, the text's positions and the distances inside the
+    video stay what the model's own get_rope_index gives."""
+    model, proc, batcher = built
+    exs = [train.example(s, f, codec=False) for s, f in ((3, 16), (4, 40))]
+    inputs = batcher(exs, [train.training_questions(e, np.random.default_rng(0), 0) for e in exs])
+    ref, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                        video_grid_thw=inputs["video_grid_thw"], attention_mask=inputs["attention_mask"])
+    span = 100
+    got = train.shift_time(model, inputs, batcher.pad_id, span, np.random.default_rng(1))
+    for b, ex in enumerate(exs):
+        vis = inputs["input_ids"][b] == batcher.pad_id
+        d = got[0, b, vis] - ref[0, b, vis]
+        assert bool((d == d[0]).all()) and 0 <= int(d[0]) <= span - ex.num_frames // 2
+        assert torch.equal(got[1:, b], ref[1:, b]) and torch.equal(got[0, b, ~vis], ref[0, b, ~vis])
+    assert not torch.equal(got, ref)
+    # offsets change where the video sits, nothing else: with none the loss is the model's own
+    inputs = {k: v for k, v in inputs.items() if k not in ("aux", "spans", "probe")}
+    with torch.no_grad():
+        same = train.shift_time(model, inputs, batcher.pad_id, 0, np.random.default_rng(1))
+        torch.testing.assert_close(model(**inputs, position_ids=same).loss, model(**inputs).loss)

@@ -11,11 +11,17 @@ vision tower 2 blocks of 64. Training sequences are whole conversations: the vid
 answer 1, question 2, answer 2, question 3, answer 3, built with the model's own chat template
 through the mmkv adapter (the same token ids mmkv feeds at inference); the loss is on the answer
 tokens and the end-of-turn token, plus training-only auxiliary heads on the vision tower's output
-(the colour and shape drawn in each visual token). Videos grow from 96 frames to --max-frames
-over the first 70% of the steps; the same number of visual tokens per batch throughout.
+(the colour and shape drawn in each visual token). An optional first stage (`--vision-steps`)
+trains the vision tower alone on those labels (it sees one frame pair at a time, so a step is
+cheap), and `--freeze-vision` keeps it fixed afterwards: in the joint run the shape labels stay
+near chance for the first hundreds of steps, and no decoder can retrieve an object its tokens do
+not yet describe. Videos grow from --min-frames (shorter ones are training-only runs of task v2's
+objects) to --max-frames over the first 70% of the steps; the same number of visual tokens per
+batch throughout.
 
 Seeded and deterministic for a given machine and thread count: step i's data comes from seeds
-derived from (--seed, i). Training seeds are below 1,000,000; held-out sets use 1,000,000 and up.
+derived from (--seed, i); with `--time-schedule` the curriculum and the learning rate follow the
+elapsed share of `--time-limit` instead, so which lengths a step gets depends on the speed. Training seeds are below 1,000,000; held-out sets use 1,000,000 and up.
 Uses the GPU when one is present (the same steps, bf16 autocast).
 """
 from __future__ import annotations
@@ -271,7 +277,8 @@ class AuxHeads(torch.nn.Module):
         f = torch.nn.functional.cross_entropy
         v = self.visual.float()
         m = aux["shape"] > 0
-        out = f(self.color(v), aux["color"]) + f(self.shape(v[m]), aux["shape"][m])
+        c = self.color(v)   # object and background tokens apart: objects are ~1% of the tokens
+        out = f(c[m], aux["color"][m]) + f(c[~m], aux["color"][~m]) + f(self.shape(v[m]), aux["shape"][m])
         if self.decoder and visual_mask is not None:
             h = self.hidden[visual_mask].float()[m]                              # [N_obj, d]
             out = out + self.decoder * (f(self.start(h), aux["start"][m]) + f(self.rank(h), aux["rank"][m]))
@@ -377,6 +384,48 @@ def check_batched_vision(model, batcher) -> None:
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
+def pretrain_vision(model, batcher, heads, steps: int, seed: int, device, lr: float = 2e-3, videos: int = 8,
+                    frames: int = 32, log=print) -> dict:
+    """Stage 1: the vision tower (and the colour / shape heads) alone, on the frame pairs of short
+    training videos: which colour and shape each visual token shows. The vision tower sees one
+    frame pair at a time, so this needs no decoder and no long sequence (a step is ~0.2 s on two
+    CPU cores), and the decoder's training then starts from tokens that already say what they
+    show. Colour and shape are scored on the object tokens, "no object" on the rest, each term
+    averaged on its own (an object covers ~1% of the tokens: a pooled loss learns "none" first).
+    Returns the last step's token accuracies."""
+    f = torch.nn.functional.cross_entropy
+    vis = model.model.visual
+    params = list(vis.parameters()) + list(heads.color.parameters()) + list(heads.shape.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    acc = {}
+    for step in range(steps):
+        rng = np.random.default_rng([seed, 1_000_000 + step])
+        exs = [example(int(s), frames) for s in rng.integers(0, TRAIN_SEED_LIMIT, videos)]
+        pix, grids, col, shp = [], [], [], []
+        for ex in exs:
+            p, g = batcher.patchify(ex.frames)
+            c, sh = batcher.token_labels(ex, g)[:2]
+            pix.append(p), grids.append(g), col.append(c), shp.append(sh)
+        col, shp = torch.cat(col).to(device), torch.cat(shp).to(device)
+        v = model.model.get_video_features(torch.cat(pix).to(device), torch.tensor(grids, device=device),
+                                           return_dict=True).pooler_output
+        v = (torch.cat(list(v)) if isinstance(v, (list, tuple)) else v).float()
+        m = shp > 0
+        pc, ps = heads.color(v), heads.shape(v)
+        loss = f(pc[m], col[m]) + f(ps[m], shp[m]) + f(pc[~m], col[~m]) + f(ps[~m], shp[~m])
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            acc = {"color": (pc[m].argmax(-1) == col[m]).float().mean().item(),
+                   "shape": (ps[m].argmax(-1) == shp[m]).float().mean().item(),
+                   "none": ((pc[~m].argmax(-1) == 0) & (ps[~m].argmax(-1) == 0)).float().mean().item()}
+            log(f"vision {step:4d} loss {loss.item():.3f} " + " ".join(f"{k} {a:.2f}" for k, a in acc.items()))
+    return acc
+
+
 def frames_for_step(step: int, steps: int, max_frames: int, rng: np.random.Generator, min_frames: int = 16,
                     full_at: float = 0.7) -> int:
     """Curriculum: videos of `min_frames` first; the longest grows quadratically to `max_frames`
@@ -413,6 +462,28 @@ def example(seed: int, frames: int, codec: bool = True):
             raise RuntimeError(f"the mp4 round trip gave {len(out)} frames, not {frames}")
         ex.frames = np.ascontiguousarray(np.stack(out))
     return ex
+
+
+def shift_time(model, inputs: dict, pad_id: int, span: int, rng: np.random.Generator) -> torch.Tensor:
+    """M-RoPE positions of `inputs` with each video's temporal positions moved by a random offset,
+    as if the (short) training video were a stretch somewhere inside one of `span` frame pairs.
+
+    Why: Qwen2-VL's text after a video continues from the video's start plus its height/width
+    extent, not its length (transformers' get_rope_index), so the question sits at the same
+    position for every length while a needle's temporal position runs up to the video's frame-pair
+    count: at 1,024 frames the question-to-needle distance on the temporal axis reaches -512,
+    against -24 in a 48-frame training video. Trained only on short videos, a from-scratch model
+    has never seen those rotations and fails at length (runs B-I: chance at 256+ frames). Random
+    offsets teach the same distances the long held-out videos have (in the spirit of randomized
+    positional encodings, Ruoss et al., 2023), while distances inside the video are unchanged.
+    Returns position_ids [3, B, L]."""
+    pos, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                        video_grid_thw=inputs["video_grid_thw"], attention_mask=inputs["attention_mask"])
+    for b in range(pos.shape[1]):
+        vis = inputs["input_ids"][b] == pad_id
+        t = int(inputs["video_grid_thw"][b][0])
+        pos[0, b, vis] += int(rng.integers(0, max(0, span - t) + 1))
+    return pos
 
 
 def to_device(inputs: dict, device) -> dict:
@@ -469,7 +540,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--codec", action=argparse.BooleanOptionalAction, default=True,
                     help="train on frames after the mp4 round trip the held-out videos take")
     ap.add_argument("--eval-frames", type=int, default=256)
+    ap.add_argument("--vision-steps", type=int, default=0,
+                    help="stage 1: steps of the vision tower alone on what each token shows (0: none)")
+    ap.add_argument("--time-offset", type=int, default=0,
+                    help="frame pairs: each training video's temporal positions start at a random offset "
+                         "inside this span (0: none; 1024 covers held-out videos of 2,048 frames)")
+    ap.add_argument("--freeze-vision", action="store_true",
+                    help="after stage 1, train the decoder only (no backward through the vision tower)")
     ap.add_argument("--time-limit", type=float, default=0, help="stop early after this many minutes (0: none)")
+    ap.add_argument("--time-schedule", action="store_true",
+                    help="with --time-limit: the curriculum and the learning rate follow the elapsed time "
+                         "when it runs ahead of the step count, so a slow machine still ends annealed on long "
+                         "videos (the data of each step stays seeded; which lengths it gets depends on speed)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -489,19 +571,31 @@ def main(argv: list[str] | None = None) -> dict:
         if args.attn_sup else None
     loads: list[float] = []
     losses, t0, c0, ema, aux_ema, att_ema, steps_done = [], time.time(), time.process_time(), None, None, None, 0
+    vision_acc = pretrain_vision(model, batcher, heads, args.vision_steps, args.seed, device,
+                                 log=lambda m: print(m, flush=True)) if args.vision_steps else {}
+    if args.freeze_vision:
+        model.model.visual.requires_grad_(False)
     for step in range(args.steps):
         rng = np.random.default_rng([args.seed, step])
-        frames = frames_for_step(step, args.steps, args.max_frames, rng, args.min_frames)
+        at = step      # where the schedules are: the step, or the elapsed time's share of the limit
+        if args.time_schedule and args.time_limit:
+            at = max(step, int(args.steps * (time.time() - t0) / (60 * args.time_limit)))
+            if at >= args.steps:
+                print(f"time limit reached after {step} steps", flush=True)
+                break
+        frames = frames_for_step(at, args.steps, args.max_frames, rng, args.min_frames)
         bsz = max(1, args.tokens_per_batch // (frames // 2 * TOKENS_PER_SLOT + TEXT_PER_QUESTION * (3 + args.extra_questions)))
         exs = [example(int(s), frames, args.codec) for s in rng.integers(0, TRAIN_SEED_LIMIT, bsz)]
         inputs = to_device(batcher(exs, [training_questions(ex, rng, args.extra_questions) for ex in exs]), device)
         aux = inputs.pop("aux")
         inputs.pop("spans")
+        if args.time_offset:
+            inputs["position_ids"] = shift_time(model, inputs, batcher.pad_id, args.time_offset, rng).to(device)
         probe_rows, probe_targets = inputs.pop("probe")
         if probe:
             probe.set(probe_rows.to(device), probe_targets.to(device))
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.steps, args.lr)
+            g["lr"] = lr_at(at, args.steps, args.lr)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out = model(**inputs)
             aux_loss = heads.loss(aux, inputs["input_ids"] == batcher.pad_id)
@@ -556,6 +650,7 @@ def main(argv: list[str] | None = None) -> dict:
                       "cpu_minutes": round(train_cpu / 60, 1), "load_average": round(float(np.mean(loads)), 1),
                       "tokens_per_batch": args.tokens_per_batch,
                       "command": "python tools/train_long.py " + " ".join(sys.argv[1:] if argv is None else argv)},
+            "vision_stage": {"steps": args.vision_steps, "token_accuracy": vision_acc},
             "validation": final, "validation_note": "teacher-forced exact match on held-out seeds 1,500,000+"}
     with open(os.path.join(args.out, "mmkv.json"), "w") as f:
         json.dump(card, f, indent=1)
