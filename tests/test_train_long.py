@@ -164,3 +164,20 @@ def test_time_offsets_move_only_the_videos_temporal_positions(train, built):
     with torch.no_grad():
         same = train.shift_time(model, inputs, batcher.pad_id, 0, np.random.default_rng(1))
         torch.testing.assert_close(model(**inputs, position_ids=same).loss, model(**inputs).loss)
+
+
+def test_evaluate_a_saved_checkpoint_dense_and_sparse(train, tmp_path):
+    """`--evaluate CKPT`: accuracies per kind of a saved model, on task v2 and on sparse videos
+    (at most 5 objects, questions from what they show) of any length; trains nothing."""
+    out = str(tmp_path / "m")
+    train.main(["--steps", "1", "--max-frames", "16", "--min-frames", "16", "--tokens-per-batch", "256",
+                "--eval-n", "0", "--out", out])
+    before = open(os.path.join(out, "model.safetensors"), "rb").read()
+    for extra in ([], ["--sparse"]):
+        res = train.main(["--evaluate", out, "--final-frames", "96", "--eval-n", "2", *extra])["validation"]["96"]
+        assert 0 <= res["accuracy"] <= 1 and {"turn1", "turn2"} <= set(res)
+    assert open(os.path.join(out, "model.safetensors"), "rb").read() == before
+    ex = train.sparse_example(5, 128, codec=False)
+    assert ex.frames.shape[0] == 128 and 1 <= len(ex.items) <= 5 and ex.questions
+    events = read_objects(ex.frames)
+    assert all(answer_from_pixels(q.text, events) == q.answer for q in ex.questions)

@@ -46,7 +46,8 @@ from mmkv.models.qwen2_vl import QwenVLAdapter  # noqa: E402
 from mmkv.models.tiny import QWEN_SPECIAL, make_tiny  # noqa: E402
 from mmkv.synthetic import SHAPES, Needle, render  # noqa: E402
 from mmkv.synthetic.long import (  # noqa: E402
-    CELL, COLORS, FPS, GAP, MIN_FRAMES, PLURAL, SIZE, LongExample, _place, answers, make_long_example, question_text,
+    CELL, COLORS, FPS, GAP, MIN_FRAMES, PLURAL, SIZE, LongExample, Question, _place, answers, make_long_example,
+    question_text,
 )
 
 DEFAULT_OUT = os.path.join(os.path.dirname(__file__), "..", "mmkv", "assets", "mmkv-long")
@@ -436,11 +437,13 @@ def frames_for_step(step: int, steps: int, max_frames: int, rng: np.random.Gener
     return int(rng.integers(min_frames // 8, int(hi) // 8 + 1)) * 8
 
 
-def example(seed: int, frames: int, codec: bool = True):
-    """Task v2's example of (`seed`, `frames`). With `codec` its frames go through the mp4 round
-    trip the held-out videos take (mmkv.synthetic.write_video, MPEG-4 part 2, then decoded as
-    mmkv.io decodes it): the model trains on the pixels it is tested on, ringing included."""
-    ex = make_long_example(int(seed), frames) if frames >= MIN_FRAMES else short_example(int(seed), frames)
+def example(seed: int, frames: int, codec: bool = True, sparse: bool = False):
+    """Task v2's example of (`seed`, `frames`) (`sparse` or below MIN_FRAMES: a `short_example`).
+    With `codec` its frames go through the mp4 round trip the held-out videos take
+    (mmkv.synthetic.write_video, MPEG-4 part 2, then decoded as mmkv.io decodes it): the model
+    trains on the pixels it is tested on, ringing included."""
+    sparse = sparse or frames < MIN_FRAMES
+    ex = short_example(int(seed), frames) if sparse else make_long_example(int(seed), frames)
     if codec:
         import tempfile
 
@@ -490,16 +493,28 @@ def to_device(inputs: dict, device) -> dict:
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in inputs.items()}
 
 
+def sparse_example(seed: int, frames: int, codec: bool = True):
+    """A training-style video (`short_example`: a run of at most 5 of task v2's objects, no extra
+    distractors) of any length, with three questions from its pool: the diagnostic that tells
+    length apart from density (`--evaluate CKPT --sparse`)."""
+    ex = example(seed, frames, codec, sparse=True)
+    qs = training_questions(ex, np.random.default_rng([seed, 3]), 0)
+    ex.questions = [Question(q.kind, q.text, q.answer) for q in qs]
+    return ex
+
+
 @torch.no_grad()
-def evaluate(model, batcher, seeds, frames: int, device, batch: int = 2, codec: bool = True) -> dict:
+def evaluate(model, batcher, seeds, frames: int, device, batch: int = 2, codec: bool = True,
+             sparse: bool = False) -> dict:
     """Exact-match accuracy per question kind under teacher forcing (an answer counts only if
     every one of its tokens, and the end-of-turn token, is the argmax: exactly what greedy
-    decoding would produce given the earlier turns)."""
+    decoding would produce given the earlier turns). `sparse`: `sparse_example`s instead."""
     model.eval()
     hits: dict[str, list[int]] = {}
     for s in range(0, len(seeds), batch):
-        exs = [example(int(x), frames, codec) for x in seeds[s:s + batch]]
-        inputs = to_device(batcher(exs), device)
+        exs = [(sparse_example if sparse else example)(int(x), frames, codec) for x in seeds[s:s + batch]]
+        inputs = to_device(batcher(exs, [[Asked(q.kind, "", q.text, q.answer) for q in ex.questions] for ex in exs]),
+                           device)
         spans = inputs.pop("spans")
         inputs.pop("aux")
         inputs.pop("probe")
@@ -515,6 +530,21 @@ def evaluate(model, batcher, seeds, frames: int, device, batch: int = 2, codec: 
     model.train()
     allq = [x for k, v in hits.items() if not k.startswith("turn") for x in v]
     return {"accuracy": sum(allq) / max(1, len(allq)), **{k: sum(v) / len(v) for k, v in sorted(hits.items())}}
+
+
+def evaluate_checkpoint(args, device) -> dict:
+    """`--evaluate CKPT`: the held-out accuracy of a saved model, per length, as one JSON line each."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(args.evaluate).to(device).eval()
+    batcher = LongBatcher(model, AutoProcessor.from_pretrained(args.evaluate))
+    seeds = list(range(TRAIN_SEED_LIMIT + 600_000, TRAIN_SEED_LIMIT + 600_000 + (args.eval_n or 24)))
+    out = {}
+    for f in [int(x) for x in args.final_frames.split(",") if x]:
+        out[str(f)] = evaluate(model, batcher, seeds, f, device, batch=1, codec=args.codec, sparse=args.sparse)
+        print(json.dumps({"checkpoint": args.evaluate, "frames": f, "sparse": args.sparse, "n": len(seeds),
+                          **{k: round(v, 3) for k, v in out[str(f)].items()}}), flush=True)
+    return {"validation": out}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -540,11 +570,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--codec", action=argparse.BooleanOptionalAction, default=True,
                     help="train on frames after the mp4 round trip the held-out videos take")
     ap.add_argument("--eval-frames", type=int, default=256)
+    ap.add_argument("--evaluate", metavar="CKPT", help="evaluate a saved checkpoint at --final-frames (--eval-n "
+                                                        "held-out videos each) and exit; trains nothing")
+    ap.add_argument("--sparse", action="store_true",
+                    help="with --evaluate: training-style videos (at most 5 objects, no extra distractors)")
     ap.add_argument("--vision-steps", type=int, default=0,
                     help="stage 1: steps of the vision tower alone on what each token shows (0: none)")
     ap.add_argument("--time-offset", type=int, default=0,
                     help="frame pairs: each training video's temporal positions start at a random offset "
                          "inside this span (0: none; 1024 covers held-out videos of 2,048 frames)")
+    ap.add_argument("--dense-share", type=float, default=0.0,
+                    help="share of the curriculum's short steps that get task v2's own (dense) videos "
+                         f"of {MIN_FRAMES}+ frames instead: its distractors from the start")
     ap.add_argument("--freeze-vision", action="store_true",
                     help="after stage 1, train the decoder only (no backward through the vision tower)")
     ap.add_argument("--time-limit", type=float, default=0, help="stop early after this many minutes (0: none)")
@@ -555,6 +592,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.evaluate:
+        return evaluate_checkpoint(args, device)
 
     model, proc = build_model(args.seed)
     batcher = LongBatcher(model, proc)
@@ -584,6 +623,8 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"time limit reached after {step} steps", flush=True)
                 break
         frames = frames_for_step(at, args.steps, args.max_frames, rng, args.min_frames)
+        if args.dense_share and frames < MIN_FRAMES and rng.random() < args.dense_share:
+            frames = int(rng.integers(MIN_FRAMES // 8, max(MIN_FRAMES, frames * 2) // 8 + 1)) * 8  # task v2's density
         bsz = max(1, args.tokens_per_batch // (frames // 2 * TOKENS_PER_SLOT + TEXT_PER_QUESTION * (3 + args.extra_questions)))
         exs = [example(int(s), frames, args.codec) for s in rng.integers(0, TRAIN_SEED_LIMIT, bsz)]
         inputs = to_device(batcher(exs, [training_questions(ex, rng, args.extra_questions) for ex in exs]), device)
