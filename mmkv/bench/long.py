@@ -98,7 +98,9 @@ def _record(row, res, adapter) -> dict:
             # device-resident bytes (bi-level: plus its relevance summaries); its offloaded level apart
             "kv_bytes": s.kv_bytes + s.extra.get("bilevel_summary_bytes", 0),
             "offloaded_bytes": s.extra.get("bilevel_offloaded_bytes", 0),
-            "kv_bytes_uncompressed": s.kv_bytes_uncompressed, "stored_elements": _stored_elements(s, adapter),
+            "kv_bytes_uncompressed": s.kv_bytes_uncompressed,
+            # the elements those bytes hold (bi-level: its summaries' too, so bits/element stays per element)
+            "stored_elements": _stored_elements(s, adapter) + s.extra.get("bilevel_summary_elements", 0),
             "prefill_s": s.prefill_s, "decode_s": s.decode_s, "new_tokens": s.new_tokens}
 
 

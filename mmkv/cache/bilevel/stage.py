@@ -247,6 +247,7 @@ class BiLevel(KVPress):
         ctx.stats.update(bilevel_offloaded_bytes=enc.offloaded_bytes(),
                          bilevel_offloaded_storage_bytes=enc.offload.stored_bytes,
                          bilevel_summary_bytes=enc.summary_bytes(),
+                         bilevel_summary_elements=sum(t.numel() for t in enc.summary if t is not None),
                          bilevel_encoded_device_bytes=cache.nbytes() + enc.summary_bytes(),
                          bilevel_sparse_entries=sum(enc.keep))
 
