@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -132,14 +133,25 @@ def test_vision_stage_trains_the_tower_alone_then_freezes_it(train, tmp_path):
     assert any(not torch.equal(a[k], b[k]) for k in dec)
 
 
-def test_time_schedule_ends_the_run_when_the_time_is_spent(train, tmp_path):
+def test_time_schedule_ends_the_run_when_the_time_is_spent(train, tmp_path, monkeypatch):
     """`--time-schedule`: the schedules follow the elapsed share of `--time-limit`, so a run whose
-    time is spent stops (annealed) before its step count, and says so in its card."""
-    out = str(tmp_path / "m")
-    res = train.main(["--steps", "50", "--time-limit", "0.002", "--time-schedule", "--max-frames", "16",
-                      "--min-frames", "16", "--tokens-per-batch", "256", "--eval-n", "0", "--out", out])
-    card = json.load(open(os.path.join(out, "mmkv.json")))
-    assert 1 <= card["train"]["steps"] < 50 and len(res["losses"]) == card["train"]["steps"]
+    time is spent stops before its step count with the learning rate annealed; the plain
+    `--time-limit` stops at the same time with the rate still high. The clock is a fake one
+    (1 s per reading), so the test does not depend on the machine's speed."""
+    import time as real
+
+    def run(extra, out):
+        clock = iter(range(10**6))
+        monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: float(next(clock)),
+                                                                 process_time=real.process_time))
+        res = train.main(["--steps", "39", "--time-limit", "0.25", "--max-frames", "16", "--min-frames", "16",
+                          "--tokens-per-batch", "256", "--eval-n", "0", "--out", str(tmp_path / out), *extra])
+        return res, json.load(open(tmp_path / out / "mmkv.json"))
+
+    sched, card = run(["--time-schedule"], "s")
+    plain, _ = run([], "p")
+    assert 1 <= card["train"]["steps"] < 39 and len(sched["losses"]) == card["train"]["steps"]
+    assert sched["lrs"][-1] < 0.2 * 2e-3 < 0.5 * 2e-3 < plain["lrs"][-1]      # cosine's end is 5% of the peak
 
 
 def test_time_offsets_move_only_the_videos_temporal_positions(train, built):

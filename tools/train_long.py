@@ -21,7 +21,8 @@ batch throughout.
 
 Seeded and deterministic for a given machine and thread count: step i's data comes from seeds
 derived from (--seed, i); with `--time-schedule` the curriculum and the learning rate follow the
-elapsed share of `--time-limit` instead, so which lengths a step gets depends on the speed. Training seeds are below 1,000,000; held-out sets use 1,000,000 and up.
+elapsed share of `--time-limit` instead, so which lengths a step gets depends on the speed.
+Training seeds are below 1,000,000; held-out sets use 1,000,000 and up.
 Uses the GPU when one is present (the same steps, bf16 autocast).
 """
 from __future__ import annotations
@@ -609,6 +610,7 @@ def main(argv: list[str] | None = None) -> dict:
     probe = AttentionSupervision(model, args.attn_sup_layer, [int(h) for h in args.attn_sup_heads.split(",")]) \
         if args.attn_sup else None
     loads: list[float] = []
+    lrs: list[float] = []
     losses, t0, c0, ema, aux_ema, att_ema, steps_done = [], time.time(), time.process_time(), None, None, None, 0
     vision_acc = pretrain_vision(model, batcher, heads, args.vision_steps, args.seed, device,
                                  log=lambda m: print(m, flush=True)) if args.vision_steps else {}
@@ -653,6 +655,7 @@ def main(argv: list[str] | None = None) -> dict:
         ema = out.loss.item() if ema is None else 0.98 * ema + 0.02 * out.loss.item()
         aux_ema = aux_loss.item() if aux_ema is None else 0.98 * aux_ema + 0.02 * aux_loss.item()
         losses.append(out.loss.item())
+        lrs.append(g["lr"])
         steps_done = step + 1
         if step % 25 == 0:
             loads.append(os.getloadavg()[0])
@@ -696,7 +699,7 @@ def main(argv: list[str] | None = None) -> dict:
     with open(os.path.join(args.out, "mmkv.json"), "w") as f:
         json.dump(card, f, indent=1)
     print(f"saved to {args.out}")
-    return {"losses": losses, "validation": final, "out": args.out}
+    return {"losses": losses, "lrs": lrs, "validation": final, "out": args.out}
 
 
 if __name__ == "__main__":
