@@ -193,3 +193,44 @@ def test_evaluate_a_saved_checkpoint_dense_and_sparse(train, tmp_path):
     assert ex.frames.shape[0] == 128 and 1 <= len(ex.items) <= 5 and ex.questions
     events = read_objects(ex.frames)
     assert all(answer_from_pixels(q.text, events) == q.answer for q in ex.questions)
+
+
+def test_step_attention_targets_are_what_each_answer_token_needs(train, built):
+    """`--attn-sup-targets step`: each supervised row predicts an answer token and is pointed at the
+    visual tokens that token is read from: an order answer's k-th colour (and the comma before it)
+    at the k-th object of the asked shape, whose colour is that word; a count's number at the last
+    object of the shape, whose rank among its shape is the number; an identify answer's words at
+    the one object of the asked colour. End-of-turn rows are left out."""
+    model, proc, _ = built
+    batcher = train.LongBatcher(model, proc, "step")
+    tok = proc.tokenizer
+    colors = list(train.COLORS)
+    exs = [train.example(s, f, codec=False) for s, f in ((3, 96), (11, 128))]
+    qs = [train.training_questions(e, np.random.default_rng(0), 2) for e in exs]
+    inputs = batcher(exs, qs)
+    rows, targets = inputs["probe"]
+    labels, aux = inputs["labels"], inputs["aux"]
+    start = 0
+    seen = {"order": 0, "count": 0, "identify": 0}
+    for b, (ex, spans) in enumerate(zip(exs, inputs["spans"])):
+        n_vis = int((inputs["input_ids"][b] == batcher.pad_id).sum())
+        head = len(batcher.head)
+        col, rank = aux["color"][start:start + n_vis], aux["rank"][start:start + n_vis]
+        start += n_vis
+        by_row = {int(r): targets[b, j] for j, r in enumerate(rows[b]) if r >= 0}
+        for (a, e), q in zip(spans, qs[b]):
+            for r in range(a - 1, e - 1):
+                word = tok.decode([int(labels[b, r + 1])]).strip()
+                if r == e - 2 or (q.kind == "count" and r > a - 1):
+                    assert r not in by_row, (q, word)             # end of turn, the shape word: none
+                    continue
+                keys = by_row[r].nonzero().flatten() - head
+                assert len(keys) and bool((keys >= 0).all()) and bool((keys < n_vis).all())
+                if q.kind == "order" and word != ",":
+                    assert {colors[int(c) - 1] for c in col[keys]} == {word}
+                elif q.kind == "count":
+                    assert {int(x) for x in rank[keys]} == {int(q.answer.split()[0])}
+                elif q.kind == "identify":
+                    assert {colors[int(c) - 1] for c in col[keys]} == {q.target}
+                seen[q.kind] += 1
+    assert all(seen.values()), seen

@@ -148,8 +148,9 @@ class LongBatcher(Batcher):
     """Conversations of task v2 as model inputs. Token ids come from the mmkv adapter (prefix,
     question suffix, follow-up turn), so training sees exactly what mmkv feeds at inference."""
 
-    def __init__(self, model, proc):
+    def __init__(self, model, proc, sup_targets: str = "objects"):
         super().__init__(proc)
+        self.sup_targets = sup_targets
         self.adapter = QwenVLAdapter(model, proc)
         prefix = self.adapter._split_template("video", None)[0]
         ids = self.adapter._tokenize(prefix)
@@ -198,28 +199,48 @@ class LongBatcher(Batcher):
 
     def probe_rows(self, examples, questions, grids, spans, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """For AttentionSupervision: the positions that predict an answer token ([B, R], -1 = none)
-        and, per row, the visual tokens of the objects its question is about ([B, R, n] bool)."""
+        and, per row, the visual tokens it should read ([B, R, n] bool). `self.sup_targets`:
+        "objects": every row of an answer gets every object the question is about (order and
+        count: the objects of the asked shape; identify: the object of the asked colour);
+        "step": each row gets what its own next token needs: an order answer's k-th colour and
+        the comma before it the k-th object, a count's number the last object of the shape (its
+        rank among the objects of its shape is the count; `AuxHeads`' rank head teaches it),
+        an identify answer's colour and shape its object; rows that need no object (the
+        end-of-turn token, a count's shape word) are left out."""
         per = []
         for ex, qs, g, sp in zip(examples, questions, grids, spans):
             gh, gw = g[1] // 2, g[2] // 2
+
+            def keys(objs):
+                return [len(self.head) + (t * gh + it.cell[0]) * gw + it.cell[1]
+                        for it in objs for t in range(it.start // 2, (it.start + it.length - 1) // 2 + 1)]
+
             rows, tgt = [], []
             for (a, b), q in zip(sp, qs):
-                keys = []
-                for it in ex.items:
-                    if (it.color if q.kind == "identify" else it.shape) == q.target:
-                        y, x = it.cell
-                        keys += [len(self.head) + (t * gh + y) * gw + x
-                                 for t in range(it.start // 2, (it.start + it.length - 1) // 2 + 1)]
-                rows += list(range(a - 1, b - 1))
-                tgt += [keys] * (b - a)
+                objs = sorted((it for it in ex.items if (it.color if q.kind == "identify" else it.shape) == q.target),
+                              key=lambda it: it.start)
+                if self.sup_targets == "objects":
+                    rows += list(range(a - 1, b - 1))
+                    tgt += [keys(objs)] * (b - a)
+                    continue
+                if q.kind == "order":
+                    if b - a != 2 * len(objs):
+                        raise ValueError(f"order answer {q.answer!r}: {b - a} tokens for {len(objs)} objects")
+                    per_row = [keys([objs[(j + 1) // 2]]) for j in range(2 * len(objs) - 1)]
+                elif q.kind == "count":
+                    per_row = [keys(objs[-1:])]        # the last one: its rank among its shape is the count
+                else:
+                    per_row = [keys(objs)] * 2
+                rows += [a - 1 + j for j in range(len(per_row))]
+                tgt += per_row
             per.append((rows, tgt))
-        r = max(len(x[0]) for x in per)
+        r = max(1, max(len(x[0]) for x in per))
         rows = torch.full((len(per), r), -1, dtype=torch.long)
         targets = torch.zeros((len(per), r, n), dtype=torch.bool)
         for i, (rw, tg) in enumerate(per):
-            rows[i, :len(rw)] = torch.tensor(rw)
-            for j, keys in enumerate(tg):
-                targets[i, j, keys] = True
+            rows[i, :len(rw)] = torch.tensor(rw, dtype=torch.long)
+            for j, k in enumerate(tg):
+                targets[i, j, k] = True
         return rows, targets
 
     def __call__(self, examples, questions: list[list[Asked]] | None = None):
@@ -565,6 +586,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--attn-sup", type=float, default=0.0, help="weight of the attention supervision")
     ap.add_argument("--attn-sup-layer", type=int, default=4)
     ap.add_argument("--attn-sup-heads", default="0,1")
+    ap.add_argument("--attn-sup-targets", choices=("objects", "step"), default="objects",
+                    help="what each supervised answer row should attend: every object the question is about, "
+                         "or (step) what its own next token needs (an order answer's k-th object)")
     ap.add_argument("--min-frames", type=int, default=16, help="the curriculum's first video length")
     ap.add_argument("--extra-questions", type=int, default=0,
                     help="training conversations: the video's three questions and up to this many others")
@@ -597,7 +621,7 @@ def main(argv: list[str] | None = None) -> dict:
         return evaluate_checkpoint(args, device)
 
     model, proc = build_model(args.seed)
-    batcher = LongBatcher(model, proc)
+    batcher = LongBatcher(model, proc, args.attn_sup_targets)
     check_batched_vision(model, batcher)
     model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
