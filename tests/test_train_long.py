@@ -234,3 +234,6 @@ def test_step_attention_targets_are_what_each_answer_token_needs(train, built):
                     assert {colors[int(c) - 1] for c in col[keys]} == {q.target}
                 seen[q.kind] += 1
     assert all(seen.values()), seen
+    # evaluation puts the questions alone (no target): nothing to supervise, no error
+    bare = [[train.Asked(q.kind, "", q.text, q.answer) for q in ex.questions] for ex in exs]
+    assert bool((batcher(exs, bare)["probe"][0] < 0).all())

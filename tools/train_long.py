@@ -217,6 +217,8 @@ class LongBatcher(Batcher):
 
             rows, tgt = [], []
             for (a, b), q in zip(sp, qs):
+                if not q.target:                   # evaluation: the question alone, nothing supervised
+                    continue
                 objs = sorted((it for it in ex.items if (it.color if q.kind == "identify" else it.shape) == q.target),
                               key=lambda it: it.start)
                 if self.sup_targets == "objects":
