@@ -237,3 +237,37 @@ def test_step_attention_targets_are_what_each_answer_token_needs(train, built):
     # evaluation puts the questions alone (no target): nothing to supervise, no error
     bare = [[train.Asked(q.kind, "", q.text, q.answer) for q in ex.questions] for ex in exs]
     assert bool((batcher(exs, bare)["probe"][0] < 0).all())
+
+
+def test_token_labels_rank_and_previous_colour_follow_the_objects(train, built):
+    """The decoder's auxiliary labels on a task-v2 video: on every token of every object, its rank
+    among the objects of its shape so far and (`--aux-prev`) the colour of the previous object of
+    that shape, recomputed here from the drawn objects; 0 on every other token."""
+    model, proc, batcher = built
+    colors = list(train.COLORS)
+    ex = train.example(21, 128, codec=False)
+    _, grid = batcher.patchify(ex.frames)
+    col, shp, start, rank, prev = batcher.token_labels(ex, grid)
+    gh, gw = grid[1] // 2, grid[2] // 2
+    on = torch.zeros_like(col, dtype=torch.bool)
+    before: dict[str, list[str]] = {}
+    for it in sorted(ex.items, key=lambda it: it.start):
+        mates = before.setdefault(it.shape, [])
+        idx = [(t * gh + it.cell[0]) * gw + it.cell[1] for t in range(it.start // 2, (it.start + it.length - 1) // 2 + 1)]
+        on[idx] = True
+        assert {int(r) for r in rank[idx]} == {min(len(mates), 3) + 1}
+        assert {int(p) for p in prev[idx]} == {colors.index(mates[-1]) + 1 if mates else 0}
+        assert int(start[idx[0]]) == 1 and all(int(start[i]) == 2 for i in idx[1:])
+        mates.append(it.color)
+    assert max(len(v) for v in before.values()) >= 2          # the video has a chain to check
+    assert not bool(rank[~on].any() or prev[~on].any() or start[~on].any())
+
+
+def test_supervised_run_with_every_auxiliary_evaluates_midway(train, tmp_path):
+    """Step attention targets, the previous-colour head and a mid-run evaluation in one short run
+    (the evaluation's questions carry no target: a run once stopped there)."""
+    res = train.main(["--steps", "4", "--max-frames", "16", "--min-frames", "16", "--tokens-per-batch", "512",
+                      "--decoder-aux", "0.5", "--aux-prev", "--attn-sup", "1", "--attn-sup-targets", "step",
+                      "--eval-every", "2", "--eval-n", "1", "--eval-frames", "96", "--final-frames", "",
+                      "--out", str(tmp_path / "m")])
+    assert len(res["losses"]) == 4 and all(np.isfinite(res["losses"]))

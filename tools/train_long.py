@@ -161,11 +161,13 @@ class LongBatcher(Batcher):
     def token_labels(ex, grid):
         """Per merged visual token (vision-tower output order t, h, w): the colour (1..6) and shape
         (1..4) drawn in it, 0 where none; on object tokens also whether it is the object's first
-        frame pair (1) or a later one (2), and the object's rank among the objects of its shape
-        so far (1: the first, 2, 3, 4: the fourth or later), 0 elsewhere."""
+        frame pair (1) or a later one (2), the object's rank among the objects of its shape
+        so far (1: the first, 2, 3, 4: the fourth or later) and the colour of the previous object
+        of its shape (1..6; 0: it is the first), 0 elsewhere."""
         gt, gh, gw = grid[0], grid[1] // 2, grid[2] // 2
-        col, shp, start, rank = (torch.zeros(gt, gh, gw, dtype=torch.long) for _ in range(4))
+        col, shp, start, rank, prev = (torch.zeros(gt, gh, gw, dtype=torch.long) for _ in range(5))
         seen: dict[str, int] = {}
+        last: dict[str, int] = {}
         for it in sorted(ex.items, key=lambda it: it.start):
             t0, t1 = it.start // 2, (it.start + it.length - 1) // 2
             y, x = it.cell
@@ -173,8 +175,10 @@ class LongBatcher(Batcher):
             shp[t0:t1 + 1, y, x] = SHAPES.index(it.shape) + 1
             start[t0, y, x], start[t0 + 1:t1 + 1, y, x] = 1, 2
             rank[t0:t1 + 1, y, x] = min(seen.get(it.shape, 0), 3) + 1
+            prev[t0:t1 + 1, y, x] = last.get(it.shape, 0)
             seen[it.shape] = seen.get(it.shape, 0) + 1
-        return col.flatten(), shp.flatten(), start.flatten(), rank.flatten()
+            last[it.shape] = list(COLORS).index(it.color) + 1
+        return col.flatten(), shp.flatten(), start.flatten(), rank.flatten(), prev.flatten()
 
     def conversation(self, questions: list[Asked], n_visual: int) -> tuple[list[int], list[int], list[tuple[int, int]]]:
         """ids, labels (-100 outside the answers) and each answer's (start, end) label span."""
@@ -271,7 +275,7 @@ class LongBatcher(Batcher):
         return {"input_ids": input_ids, "attention_mask": mask, "labels": lab,
                 "pixel_values_videos": torch.cat(pix), "video_grid_thw": torch.tensor(grids),
                 "mm_token_type_ids": (input_ids == self.pad_id).int() * 2,
-                "spans": spans, "probe": (rows, targets), "aux": {k: torch.cat(v) for k, v in zip(("color", "shape", "start", "rank"), zip(*aux))}}
+                "spans": spans, "probe": (rows, targets), "aux": {k: torch.cat(v) for k, v in zip(("color", "shape", "start", "rank", "prev"), zip(*aux))}}
 
 
 class AuxHeads(torch.nn.Module):
@@ -281,15 +285,19 @@ class AuxHeads(torch.nn.Module):
     - on the decoder's hidden state after layer `layer` at the visual tokens (object tokens only),
       whether the token is its object's first frame pair and the object's rank among the objects
       of its shape so far: the two facts that counting and ordering need, which no single frame
-      pair shows (weight `decoder`, 0: off)."""
+      pair shows (weight `decoder`, 0: off); with `prev`, also the colour of the previous object
+      of the same shape (none for the first): an ordered answer is then a chain of lookups (the
+      object of the asked shape whose predecessor has the colour just written), not a count of the
+      colours written so far."""
 
-    def __init__(self, model, decoder: float = 0.0, layer: int = 2):
+    def __init__(self, model, decoder: float = 0.0, layer: int = 2, prev: bool = False):
         super().__init__()
         d = model.config.text_config.hidden_size
         self.color = torch.nn.Linear(d, len(COLORS) + 1)
         self.shape = torch.nn.Linear(d, len(SHAPES) + 1)
         self.start = torch.nn.Linear(d, 3)
         self.rank = torch.nn.Linear(d, 5)
+        self.prev = torch.nn.Linear(d, len(COLORS) + 1) if prev else None
         self.decoder = decoder
         self.visual = self.hidden = None
         model.model.visual.merger.register_forward_hook(lambda m, i, o: setattr(self, "visual", o))
@@ -307,6 +315,8 @@ class AuxHeads(torch.nn.Module):
         if self.decoder and visual_mask is not None:
             h = self.hidden[visual_mask].float()[m]                              # [N_obj, d]
             out = out + self.decoder * (f(self.start(h), aux["start"][m]) + f(self.rank(h), aux["rank"][m]))
+            if self.prev is not None:
+                out = out + self.decoder * f(self.prev(h), aux["prev"][m])
         return out
 
 
@@ -585,6 +595,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tokens-per-batch", type=int, default=TOKENS_PER_BATCH)
     ap.add_argument("--decoder-aux", type=float, default=0.0, help="weight of the decoder's auxiliary heads")
     ap.add_argument("--decoder-aux-layer", type=int, default=2)
+    ap.add_argument("--aux-prev", action="store_true",
+                    help="decoder auxiliary head on the colour of the previous object of the same shape")
     ap.add_argument("--attn-sup", type=float, default=0.0, help="weight of the attention supervision")
     ap.add_argument("--attn-sup-layer", type=int, default=4)
     ap.add_argument("--attn-sup-heads", default="0,1")
@@ -629,7 +641,7 @@ def main(argv: list[str] | None = None) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params / 1e6:.2f}M, vocab {len(proc.tokenizer)}, steps {args.steps}, device {device}", flush=True)
     model.train()
-    heads = AuxHeads(model, args.decoder_aux, args.decoder_aux_layer).to(device)
+    heads = AuxHeads(model, args.decoder_aux, args.decoder_aux_layer, args.aux_prev).to(device)
     params = list(model.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     val_seeds = list(range(TRAIN_SEED_LIMIT + 500_000, TRAIN_SEED_LIMIT + 500_000 + args.eval_n))
