@@ -271,3 +271,35 @@ def test_supervised_run_with_every_auxiliary_evaluates_midway(train, tmp_path):
                       "--eval-every", "2", "--eval-n", "1", "--eval-frames", "96", "--final-frames", "",
                       "--out", str(tmp_path / "m")])
     assert len(res["losses"]) == 4 and all(np.isfinite(res["losses"]))
+
+
+def test_training_positions_are_the_ones_mmkv_generates_with(train, built, tmp_path):
+    """A training conversation's M-RoPE positions (`answer_positions`) are exactly the positions
+    mmkv feeds the language model when it encodes the video and answers the same questions in one
+    conversation (`pipe.chat`): the first answer after the largest prompt position, the rest one
+    by one. Without it they are not (the answers sit where get_rope_index puts them)."""
+    from mmkv.io import load_media
+
+    model, proc, batcher = built
+    d = str(tmp_path / "m")
+    model.save_pretrained(d)
+    proc.save_pretrained(d)
+    pipe = mmkv.load(d)
+    ex = train.example(5, 96, codec=False)
+    qs = train.official(ex)
+    fed = []
+    hook = pipe.adapter.text_model.register_forward_pre_hook(
+        lambda m, args, kw: fed.append(kw["position_ids"][:, 0].clone()), with_kwargs=True)
+    conv = pipe.chat(pipe.encode(load_media(ex.frames, video_fps=2.0)))
+    for q in qs:   # as many new tokens as the answer has words: the end-of-turn token opens the next turn
+        n = len(batcher.tok(q.answer, add_special_tokens=False)["input_ids"])
+        assert len(conv.ask(q.text, max_new_tokens=n).tokens) == n
+    hook.remove()
+    fed = torch.cat(fed, dim=1)                                            # [3, tokens fed]
+    inputs = batcher([ex], [qs])
+    pos = train.shift_time(model, inputs, batcher.pad_id, 0, np.random.default_rng(0))
+    plain = pos.clone()
+    got = train.answer_positions(pos, inputs["spans"])[:, 0, :fed.shape[1]]
+    assert fed.shape[1] == inputs["input_ids"].shape[1] - 2    # all but the last answer word and its end
+    assert torch.equal(got, fed)
+    assert not torch.equal(plain[:, 0, :fed.shape[1]], fed)

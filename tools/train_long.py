@@ -523,6 +523,21 @@ def shift_time(model, inputs: dict, pad_id: int, span: int, rng: np.random.Gener
     return pos
 
 
+def answer_positions(pos: torch.Tensor, spans: list[list[tuple[int, int]]]) -> torch.Tensor:
+    """The M-RoPE positions of a training conversation as mmkv (and transformers' generate, through
+    its rope_deltas) gives them at inference: the first answer token is fed at the largest prompt
+    position + 1, and everything after it (the answer, the follow-up turns and their answers)
+    continues one by one from there. `get_rope_index` over a whole conversation instead continues
+    the answer from the question's own text position, which for a video sits below the video's
+    temporal positions: a model trained on that reads its answers' second and later tokens at
+    positions it never meets when it generates (M and earlier runs: right first words, broken
+    rest). pos [3, B, L] (changed in place and returned); spans: each conversation's answer spans."""
+    for b, sp in enumerate(spans):
+        a0 = sp[0][0]
+        pos[:, b, a0:] += pos[:, b, :a0].max() + 1 - pos[0, b, a0]
+    return pos
+
+
 def to_device(inputs: dict, device) -> dict:
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in inputs.items()}
 
@@ -539,10 +554,11 @@ def sparse_example(seed: int, frames: int, codec: bool = True):
 
 @torch.no_grad()
 def evaluate(model, batcher, seeds, frames: int, device, batch: int = 2, codec: bool = True,
-             sparse: bool = False) -> dict:
+             sparse: bool = False, generation_positions: bool = True) -> dict:
     """Exact-match accuracy per question kind under teacher forcing (an answer counts only if
     every one of its tokens, and the end-of-turn token, is the argmax: exactly what greedy
-    decoding would produce given the earlier turns). `sparse`: `sparse_example`s instead."""
+    decoding would produce given the earlier turns, at the positions mmkv generates with:
+    `answer_positions`). `sparse`: `sparse_example`s instead."""
     model.eval()
     hits: dict[str, list[int]] = {}
     for s in range(0, len(seeds), batch):
@@ -553,6 +569,9 @@ def evaluate(model, batcher, seeds, frames: int, device, batch: int = 2, codec: 
         inputs.pop("aux")
         inputs.pop("probe")
         labels = inputs.pop("labels")
+        if generation_positions:
+            pos = shift_time(model, inputs, batcher.pad_id, 0, np.random.default_rng(0))
+            inputs["position_ids"] = answer_positions(pos, spans).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(**inputs, logits_to_keep=0).logits
         pred = logits.argmax(-1)
@@ -615,6 +634,10 @@ def main(argv: list[str] | None = None) -> dict:
                     help="with --evaluate: training-style videos (at most 5 objects, no extra distractors)")
     ap.add_argument("--vision-steps", type=int, default=0,
                     help="stage 1: steps of the vision tower alone on what each token shows (0: none)")
+    ap.add_argument("--generation-positions", action=argparse.BooleanOptionalAction, default=True,
+                    help="train on the positions mmkv generates with (answers after the largest prompt "
+                         "position, as transformers' rope_deltas); --no-generation-positions: get_rope_index's "
+                         "positions over the whole conversation (runs up to M; their answers break at inference)")
     ap.add_argument("--time-offset", type=int, default=0,
                     help="frame pairs: each training video's temporal positions start at a random offset "
                          "inside this span (0: none; 1024 covers held-out videos of 2,048 frames)")
@@ -669,9 +692,9 @@ def main(argv: list[str] | None = None) -> dict:
         exs = [example(int(s), frames, args.codec) for s in rng.integers(0, TRAIN_SEED_LIMIT, bsz)]
         inputs = to_device(batcher(exs, [training_questions(ex, rng, args.extra_questions) for ex in exs]), device)
         aux = inputs.pop("aux")
-        inputs.pop("spans")
-        if args.time_offset:
-            inputs["position_ids"] = shift_time(model, inputs, batcher.pad_id, args.time_offset, rng).to(device)
+        spans = inputs.pop("spans")
+        pos = shift_time(model, inputs, batcher.pad_id, args.time_offset, rng)
+        inputs["position_ids"] = (answer_positions(pos, spans) if args.generation_positions else pos).to(device)
         probe_rows, probe_targets = inputs.pop("probe")
         if probe:
             probe.set(probe_rows.to(device), probe_targets.to(device))
