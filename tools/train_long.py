@@ -637,7 +637,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--generation-positions", action=argparse.BooleanOptionalAction, default=True,
                     help="train on the positions mmkv generates with (answers after the largest prompt "
                          "position, as transformers' rope_deltas); --no-generation-positions: get_rope_index's "
-                         "positions over the whole conversation (runs up to M; their answers break at inference)")
+                         "positions over the whole conversation (runs up to M; their answers break at inference). "
+                         "Training only: validation always uses mmkv's positions")
     ap.add_argument("--time-offset", type=int, default=0,
                     help="frame pairs: each training video's temporal positions start at a random offset "
                          "inside this span (0: none; 1024 covers held-out videos of 2,048 frames)")
