@@ -297,7 +297,7 @@ def test_training_positions_are_the_ones_mmkv_generates_with(train, built, tmp_p
     hook.remove()
     fed = torch.cat(fed, dim=1)                                            # [3, tokens fed]
     inputs = batcher([ex], [qs])
-    pos = train.shift_time(model, inputs, batcher.pad_id, 0, np.random.default_rng(0))
+    pos = train.rope_positions(model, inputs)
     plain = pos.clone()
     got = train.answer_positions(pos, inputs["spans"])[:, 0, :fed.shape[1]]
     assert fed.shape[1] == inputs["input_ids"].shape[1] - 2    # all but the last answer word and its end

@@ -501,6 +501,13 @@ def example(seed: int, frames: int, codec: bool = True, sparse: bool = False):
     return ex
 
 
+def rope_positions(model, inputs: dict) -> torch.Tensor:
+    """The model's own M-RoPE positions of `inputs` (get_rope_index): [3, B, L]."""
+    return model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                      video_grid_thw=inputs["video_grid_thw"],
+                                      attention_mask=inputs["attention_mask"])[0]
+
+
 def shift_time(model, inputs: dict, pad_id: int, span: int, rng: np.random.Generator) -> torch.Tensor:
     """M-RoPE positions of `inputs` with each video's temporal positions moved by a random offset,
     as if the (short) training video were a stretch somewhere inside one of `span` frame pairs.
@@ -514,8 +521,7 @@ def shift_time(model, inputs: dict, pad_id: int, span: int, rng: np.random.Gener
     offsets teach the same distances the long held-out videos have (in the spirit of randomized
     positional encodings, Ruoss et al., 2023), while distances inside the video are unchanged.
     Returns position_ids [3, B, L]."""
-    pos, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
-                                        video_grid_thw=inputs["video_grid_thw"], attention_mask=inputs["attention_mask"])
+    pos = rope_positions(model, inputs)
     for b in range(pos.shape[1]):
         vis = inputs["input_ids"][b] == pad_id
         t = int(inputs["video_grid_thw"][b][0])
@@ -554,7 +560,7 @@ def sparse_example(seed: int, frames: int, codec: bool = True):
 
 @torch.no_grad()
 def evaluate(model, batcher, seeds, frames: int, device, batch: int = 2, codec: bool = True,
-             sparse: bool = False, generation_positions: bool = True) -> dict:
+             sparse: bool = False) -> dict:
     """Exact-match accuracy per question kind under teacher forcing (an answer counts only if
     every one of its tokens, and the end-of-turn token, is the argmax: exactly what greedy
     decoding would produce given the earlier turns, at the positions mmkv generates with:
@@ -569,9 +575,7 @@ def evaluate(model, batcher, seeds, frames: int, device, batch: int = 2, codec: 
         inputs.pop("aux")
         inputs.pop("probe")
         labels = inputs.pop("labels")
-        if generation_positions:
-            pos = shift_time(model, inputs, batcher.pad_id, 0, np.random.default_rng(0))
-            inputs["position_ids"] = answer_positions(pos, spans).to(device)
+        inputs["position_ids"] = answer_positions(rope_positions(model, inputs), spans).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(**inputs, logits_to_keep=0).logits
         pred = logits.argmax(-1)
@@ -694,7 +698,8 @@ def main(argv: list[str] | None = None) -> dict:
         inputs = to_device(batcher(exs, [training_questions(ex, rng, args.extra_questions) for ex in exs]), device)
         aux = inputs.pop("aux")
         spans = inputs.pop("spans")
-        pos = shift_time(model, inputs, batcher.pad_id, args.time_offset, rng)
+        pos = shift_time(model, inputs, batcher.pad_id, args.time_offset, rng) if args.time_offset \
+            else rope_positions(model, inputs)
         inputs["position_ids"] = (answer_positions(pos, spans) if args.generation_positions else pos).to(device)
         probe_rows, probe_targets = inputs.pop("probe")
         if probe:
