@@ -31,13 +31,20 @@ def frames_for(family: str, n: int = 8, seed: int = 0) -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def hf_models(tiny_dir):
-    """Plain transformers model + processor per family (no mmkv involved)."""
+    """Plain transformers model + processor per family (no mmkv involved). The Qwen models use
+    Qwen's released M-RoPE layout (`use_released_layout`: text after a video after its largest
+    position), as mmkv does; transformers 5's own layout differs for videos of more temporal slots
+    than max(h, w) / merge (tests/test_rope_layout.py compares mmkv with it, unpatched)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from mmkv.models.qwen2_vl import use_released_layout
 
     out = {}
     for fam, path in tiny_dir.items():
-        out[fam] = (AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval(),
-                    AutoProcessor.from_pretrained(path))
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+        if fam != "llava_onevision":
+            use_released_layout(model)
+        out[fam] = (model, AutoProcessor.from_pretrained(path))
     return out
 
 

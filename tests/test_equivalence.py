@@ -5,6 +5,7 @@ import torch
 from PIL import Image
 
 import mmkv
+from mmkv.models.qwen2_vl import use_released_layout
 from conftest import frames_for, hf_inputs, strip_eos
 
 QUESTION = "What is happening in this video?"
@@ -58,6 +59,7 @@ def test_eager_base_attention_matches(tiny_dir, hf_models):
     fam = "qwen2_5_vl"
     from transformers import AutoModelForImageTextToText
     model = AutoModelForImageTextToText.from_pretrained(tiny_dir[fam], attn_implementation="eager").eval()
+    use_released_layout(model)   # mmkv's M-RoPE layout (tests/test_rope_layout.py)
     proc = hf_models[fam][1]
     video = frames_for(fam, n=6, seed=5)
     ref = hf_greedy(model, hf_inputs(fam, proc, QUESTION, video=video), 8)

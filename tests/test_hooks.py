@@ -5,6 +5,7 @@ from typing import ClassVar
 import torch
 
 import mmkv
+from mmkv.models.qwen2_vl import use_released_layout
 from conftest import frames_for
 from mmkv.cache import KVPress
 from mmkv.cache.attend import causal_mask
@@ -48,6 +49,7 @@ def test_observer_accumulates_attention_like_eager(tiny_dir):
     got = res.stats.extra["attn_received"]
     # reference: the eager model's full attention matrix over the same inputs
     ref_model = AutoModelForImageTextToText.from_pretrained(tiny_dir[fam], attn_implementation="eager").eval()
+    use_released_layout(ref_model)   # mmkv's M-RoPE layout (tests/test_rope_layout.py)
     n = res.stats.prompt_tokens
     suffix = pipe.adapter.suffix("What is happening?", "video", enc.prefix.next_text_position)
     ids = torch.cat([enc.prefix.ids, suffix.ids])

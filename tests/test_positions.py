@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import mmkv
+from mmkv.models.qwen2_vl import use_released_layout
 from conftest import frames_for, hf_inputs
 
 QUESTION = "What is happening in this video?"
@@ -56,6 +57,7 @@ def reference_logits(family, model, inputs, generated, sink, recent):
 def test_streaming_eviction_equals_masked_reference(family, tiny_dir, hf_models):
     from transformers import AutoModelForImageTextToText
     model = AutoModelForImageTextToText.from_pretrained(tiny_dir[family], attn_implementation="eager").eval()
+    use_released_layout(model)   # mmkv's M-RoPE layout (tests/test_rope_layout.py)
     _, proc = hf_models[family]
     video = frames_for(family, n=8, seed=11)
     sink, recent = 3, 13

@@ -155,26 +155,40 @@ def test_time_schedule_ends_the_run_when_the_time_is_spent(train, tmp_path, monk
 
 
 def test_time_offsets_move_only_the_videos_temporal_positions(train, built):
-    """`--time-offset`: a training video's temporal positions move by one offset per video, inside
-    the span; its height / width positions, the text's positions and the distances inside the
-    video stay what the model's own get_rope_index gives."""
+    """`--time-offset`: positions as if the training video were a stretch of a video of up to
+    `span` frame pairs. In the transformers layout the video's temporal positions move by one
+    offset per video (height / width and the text stay); in the released layout (mmkv's) the text
+    after the video moves by one gap per video on all three axes, the video and the text before it
+    stay. Distances inside the video never change."""
+    from mmkv.models.qwen2_vl import rope_index
+
     model, proc, batcher = built
     exs = [train.example(s, f, codec=False) for s, f in ((3, 16), (4, 40))]
     inputs = batcher(exs, [train.training_questions(e, np.random.default_rng(0), 0) for e in exs])
-    ref, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
-                                        video_grid_thw=inputs["video_grid_thw"], attention_mask=inputs["attention_mask"])
     span = 100
-    got = train.shift_time(model, inputs, batcher.pad_id, span, np.random.default_rng(1))
-    for b, ex in enumerate(exs):
-        vis = inputs["input_ids"][b] == batcher.pad_id
-        d = got[0, b, vis] - ref[0, b, vis]
-        assert bool((d == d[0]).all()) and 0 <= int(d[0]) <= span - ex.num_frames // 2
-        assert torch.equal(got[1:, b], ref[1:, b]) and torch.equal(got[0, b, ~vis], ref[0, b, ~vis])
-    assert not torch.equal(got, ref)
+    for layout in ("transformers", "released"):
+        ref = rope_index(model, inputs["input_ids"], inputs["mm_token_type_ids"], layout=layout,
+                         attention_mask=inputs["attention_mask"], video_grid_thw=inputs["video_grid_thw"])
+        got = train.shift_time(model, inputs, batcher.pad_id, span, np.random.default_rng(1), layout)
+        for b, ex in enumerate(exs):
+            vis = inputs["input_ids"][b] == batcher.pad_id
+            last = int(vis.nonzero()[-1, 0])
+            real = inputs["attention_mask"][b].bool()
+            if layout == "transformers":
+                d = got[0, b, vis] - ref[0, b, vis]
+                assert bool((d == d[0]).all()) and 0 <= int(d[0]) <= span - ex.num_frames // 2
+                assert torch.equal(got[1:, b], ref[1:, b]) and torch.equal(got[0, b, ~vis], ref[0, b, ~vis])
+            else:
+                after = torch.arange(len(vis)) > last
+                d = got[:, b, after & real] - ref[:, b, after & real]
+                assert bool((d == d[0, 0]).all()) and 0 <= int(d[0, 0]) <= span - ex.num_frames // 2
+                assert torch.equal(got[:, b, ~after], ref[:, b, ~after])
+                assert torch.equal(got[:, b, ~real], ref[:, b, ~real])           # padding untouched
+        assert not torch.equal(got, ref)
     # offsets change where the video sits, nothing else: with none the loss is the model's own
     inputs = {k: v for k, v in inputs.items() if k not in ("aux", "spans", "probe")}
     with torch.no_grad():
-        same = train.shift_time(model, inputs, batcher.pad_id, 0, np.random.default_rng(1))
+        same = train.shift_time(model, inputs, batcher.pad_id, 0, np.random.default_rng(1), "transformers")
         torch.testing.assert_close(model(**inputs, position_ids=same).loss, model(**inputs).loss)
 
 
@@ -277,7 +291,8 @@ def test_training_positions_are_the_ones_mmkv_generates_with(train, built, tmp_p
     """A training conversation's M-RoPE positions (`answer_positions`) are exactly the positions
     mmkv feeds the language model when it encodes the video and answers the same questions in one
     conversation (`pipe.chat`): the first answer after the largest prompt position, the rest one
-    by one. Without it they are not (the answers sit where get_rope_index puts them)."""
+    by one. In the released layout (mmkv's Qwen adapter) get_rope_index over the whole conversation
+    gives them already; in transformers 5's it does not."""
     from mmkv.io import load_media
 
     model, proc, batcher = built
@@ -302,4 +317,8 @@ def test_training_positions_are_the_ones_mmkv_generates_with(train, built, tmp_p
     got = train.answer_positions(pos, inputs["spans"])[:, 0, :fed.shape[1]]
     assert fed.shape[1] == inputs["input_ids"].shape[1] - 2    # all but the last answer word and its end
     assert torch.equal(got, fed)
-    assert not torch.equal(plain[:, 0, :fed.shape[1]], fed)
+    # in the released layout the whole conversation's own positions are already these ...
+    assert torch.equal(plain[:, 0, :fed.shape[1]], fed)
+    # ... in transformers 5's they are not (the answers sit where get_rope_index puts them)
+    t5 = train.rope_positions(model, inputs, "transformers")
+    assert not torch.equal(t5[:, 0, :fed.shape[1]], fed)

@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from train_tiny import Batcher, lr_at  # noqa: E402
 
-from mmkv.models.qwen2_vl import QwenVLAdapter  # noqa: E402
+from mmkv.models.qwen2_vl import ROPE_LAYOUTS, QwenVLAdapter, rope_index  # noqa: E402
 from mmkv.models.tiny import QWEN_SPECIAL, make_tiny  # noqa: E402
 from mmkv.synthetic import SHAPES, Needle, render  # noqa: E402
 from mmkv.synthetic.long import (  # noqa: E402
@@ -501,31 +501,39 @@ def example(seed: int, frames: int, codec: bool = True, sparse: bool = False):
     return ex
 
 
-def rope_positions(model, inputs: dict) -> torch.Tensor:
-    """The model's own M-RoPE positions of `inputs` (get_rope_index): [3, B, L]."""
-    return model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
-                                      video_grid_thw=inputs["video_grid_thw"],
-                                      attention_mask=inputs["attention_mask"])[0]
+def rope_positions(model, inputs: dict, layout: str = "released") -> torch.Tensor:
+    """The M-RoPE positions of `inputs` as mmkv's Qwen adapter computes them (the model's own
+    get_rope_index in `layout`, `mmkv.models.qwen2_vl.rope_index`): [3, B, L]."""
+    return rope_index(model, inputs["input_ids"], inputs["mm_token_type_ids"], layout=layout,
+                      attention_mask=inputs["attention_mask"], video_grid_thw=inputs["video_grid_thw"])
 
 
-def shift_time(model, inputs: dict, pad_id: int, span: int, rng: np.random.Generator) -> torch.Tensor:
-    """M-RoPE positions of `inputs` with each video's temporal positions moved by a random offset,
-    as if the (short) training video were a stretch somewhere inside one of `span` frame pairs.
+def shift_time(model, inputs: dict, pad_id: int, span: int, rng: np.random.Generator,
+               layout: str = "released") -> torch.Tensor:
+    """M-RoPE positions of `inputs` as if each (short) training video were a stretch of one of
+    up to `span` frame pairs: the question-to-needle distances of the long held-out videos.
 
-    Why: Qwen2-VL's text after a video continues from the video's start plus its height/width
-    extent, not its length (transformers' get_rope_index), so the question sits at the same
-    position for every length while a needle's temporal position runs up to the video's frame-pair
-    count: at 1,024 frames the question-to-needle distance on the temporal axis reaches -512,
-    against -24 in a 48-frame training video. Trained only on short videos, a from-scratch model
-    has never seen those rotations and fails at length (runs B-I: chance at 256+ frames). Random
-    offsets teach the same distances the long held-out videos have (in the spirit of randomized
-    positional encodings, Ruoss et al., 2023), while distances inside the video are unchanged.
+    Why: trained only on short videos, a from-scratch model has never seen the rotations between
+    a question and a needle hundreds of temporal slots before it, and fails at length (runs B-I:
+    chance at 256+ frames). Random offsets teach the distances the long held-out videos have (in
+    the spirit of randomized positional encodings, Ruoss et al., 2023), while distances inside the
+    video are unchanged. In the "released" layout (text after a video at the video's largest
+    position + 1, on all three axes) everything after the video moves by one random gap in
+    [0, span - slots]: the positions a video of that many more slots would give the text. In the
+    "transformers" layout (the text at the video's start + its height/width extent, whatever its
+    length) the video's temporal positions move by that offset instead.
     Returns position_ids [3, B, L]."""
-    pos = rope_positions(model, inputs)
+    pos = rope_positions(model, inputs, layout)
     for b in range(pos.shape[1]):
         vis = inputs["input_ids"][b] == pad_id
         t = int(inputs["video_grid_thw"][b][0])
-        pos[0, b, vis] += int(rng.integers(0, max(0, span - t) + 1))
+        r = int(rng.integers(0, max(0, span - t) + 1))
+        if layout == "released":
+            after = torch.zeros_like(vis)
+            after[int(vis.nonzero()[-1, 0]) + 1:] = True
+            pos[:, b, after & inputs["attention_mask"][b].bool()] += r
+        else:
+            pos[0, b, vis] += r
     return pos
 
 
@@ -643,6 +651,10 @@ def main(argv: list[str] | None = None) -> dict:
                          "position, as transformers' rope_deltas); --no-generation-positions: get_rope_index's "
                          "positions over the whole conversation (runs up to M; their answers break at inference). "
                          "Training only: validation always uses mmkv's positions")
+    ap.add_argument("--rope-layout", choices=ROPE_LAYOUTS, default="released",
+                    help="M-RoPE layout of training and validation: 'released' (text after a video continues "
+                         "after its largest position, as Qwen's own code and mmkv's Qwen adapter) or 'transformers' "
+                         "(transformers 5's get_rope_index as it is: runs up to P)")
     ap.add_argument("--time-offset", type=int, default=0,
                     help="frame pairs: each training video's temporal positions start at a random offset "
                          "inside this span (0: none; 1024 covers held-out videos of 2,048 frames)")
@@ -698,8 +710,8 @@ def main(argv: list[str] | None = None) -> dict:
         inputs = to_device(batcher(exs, [training_questions(ex, rng, args.extra_questions) for ex in exs]), device)
         aux = inputs.pop("aux")
         spans = inputs.pop("spans")
-        pos = shift_time(model, inputs, batcher.pad_id, args.time_offset, rng) if args.time_offset \
-            else rope_positions(model, inputs)
+        pos = shift_time(model, inputs, batcher.pad_id, args.time_offset, rng, args.rope_layout) if args.time_offset \
+            else rope_positions(model, inputs, args.rope_layout)
         inputs["position_ids"] = (answer_positions(pos, spans) if args.generation_positions else pos).to(device)
         probe_rows, probe_targets = inputs.pop("probe")
         if probe:
@@ -759,7 +771,7 @@ def main(argv: list[str] | None = None) -> dict:
             "train": {"steps": steps_done, "max_frames": args.max_frames, "lr": args.lr, "seed": args.seed,
                       "threads": args.threads, "device": str(device), "minutes": round(train_s / 60, 1),
                       "cpu_minutes": round(train_cpu / 60, 1), "load_average": round(float(np.mean(loads)), 1),
-                      "tokens_per_batch": args.tokens_per_batch,
+                      "tokens_per_batch": args.tokens_per_batch, "rope_layout": args.rope_layout,
                       "command": "python tools/train_long.py " + " ".join(sys.argv[1:] if argv is None else argv)},
             "vision_stage": {"steps": args.vision_steps, "token_accuracy": vision_acc},
             "validation": final, "validation_note": "teacher-forced exact match on held-out seeds 1,500,000+"}
