@@ -322,3 +322,25 @@ def test_training_positions_are_the_ones_mmkv_generates_with(train, built, tmp_p
     # ... in transformers 5's they are not (the answers sit where get_rope_index puts them)
     t5 = train.rope_positions(model, inputs, "transformers")
     assert not torch.equal(t5[:, 0, :fed.shape[1]], fed)
+
+
+def test_mrope_section_is_a_config_choice_that_survives_saving(train, tmp_path):
+    """`--mrope-section 10,3,3`: the decoder's rotary frequencies split over time / height / width
+    differently (highest first); it is the checkpoint's config (saved, loaded back, used), and a
+    split that does not fill the rotary half-dimension is refused."""
+    from transformers import AutoModelForImageTextToText
+
+    model, proc = train.build_model(0, [10, 3, 3])
+    d = str(tmp_path / "m")
+    model.save_pretrained(d)
+    back = AutoModelForImageTextToText.from_pretrained(d)
+    assert back.config.text_config.rope_parameters["mrope_section"] == [10, 3, 3]
+    ids = torch.tensor([[5, 6, 7, 8]])
+    pos = torch.tensor([[[0, 1, 2, 3]], [[0, 0, 9, 9]], [[0, 0, 0, 0]]])     # text on t, a video-like h
+    default = train.build_model(0)[0]
+    with torch.no_grad():
+        a = back.model.language_model(input_ids=ids, position_ids=pos).last_hidden_state
+        b = default.model.language_model(input_ids=ids, position_ids=pos).last_hidden_state
+    assert not torch.allclose(a, b)            # same weights (same seed), other rotary split
+    with pytest.raises(ValueError, match="mrope_section"):
+        train.build_model(0, [4, 4, 4])

@@ -137,11 +137,11 @@ def short_example(seed: int, frames: int):
     return LongExample(seed, frames, placed, [], render(frames, needles, rng, SIZE, palette=COLORS))
 
 
-def build_model(seed: int):
+def build_model(seed: int, mrope_section: list[int] | None = None):
     torch.manual_seed(seed)
     return make_tiny("qwen2_vl", seed=seed, corpus=corpus(), vocab_size=600, split_lines=False,
                      text_overrides=TEXT, vision_overrides=VISION, min_pixels=SIZE * SIZE,
-                     max_pixels=SIZE * SIZE, rope_theta=ROPE_THETA)
+                     max_pixels=SIZE * SIZE, rope_theta=ROPE_THETA, mrope_section=mrope_section)
 
 
 class LongBatcher(Batcher):
@@ -655,6 +655,9 @@ def main(argv: list[str] | None = None) -> dict:
                     help="M-RoPE layout of training and validation: 'released' (text after a video continues "
                          "after its largest position, as Qwen's own code and mmkv's Qwen adapter) or 'transformers' "
                          "(transformers 5's get_rope_index as it is: runs up to P)")
+    ap.add_argument("--mrope-section", default="",
+                    help="the decoder's rotary frequencies (highest first) per temporal, height, width axis, "
+                         "summing to head_dim / 2 = 16, e.g. 10,3,3 (default: Qwen's split scaled, 4,6,6)")
     ap.add_argument("--time-offset", type=int, default=0,
                     help="frame pairs: each training video's temporal positions start at a random offset "
                          "inside this span (0: none; 1024 covers held-out videos of 2,048 frames)")
@@ -674,7 +677,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.evaluate:
         return evaluate_checkpoint(args, device)
 
-    model, proc = build_model(args.seed)
+    model, proc = build_model(args.seed, [int(x) for x in args.mrope_section.split(",")] if args.mrope_section else None)
     batcher = LongBatcher(model, proc, args.attn_sup_targets)
     check_batched_vision(model, batcher)
     model.to(device)

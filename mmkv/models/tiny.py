@@ -84,6 +84,16 @@ def _mrope_section(head_dim: int) -> list[int]:
     return [t, h, half - t - h]
 
 
+def _check_section(section, head_dim: int) -> list[int]:
+    if section is None:
+        return _mrope_section(head_dim)
+    section = [int(x) for x in section]
+    if len(section) != 3 or min(section) < 1 or sum(section) != head_dim // 2:
+        raise ValueError(f"mrope_section must be 3 positive sizes summing to head_dim / 2 = {head_dim // 2}, "
+                         f"got {section}")
+    return section
+
+
 def build_tiny(family: str, out_dir: str, **kwargs) -> str:
     """Build a random-init checkpoint of `family` and save it (model + processor) to `out_dir`.
     Returns `out_dir`. Keyword arguments as for `make_tiny`."""
@@ -98,14 +108,16 @@ def make_tiny(family: str, *, shape: str = "tiny", seed: int = 0, corpus=None, v
               split_lines: bool = False,
               text_overrides: dict | None = None, vision_overrides: dict | None = None, image_size: int = 56,
               max_pixels: int = 112 * 112, min_pixels: int = 56 * 56, rope_theta: float = 10000.0,
-              max_crops: int = 2):
+              max_crops: int = 2, mrope_section: list[int] | None = None):
     """A random-init (model, processor) of `family`, not saved.
 
     `shape` picks the decoder size ("tiny" or "0.5b"); `text_overrides` / `vision_overrides`
     change config fields; `corpus` trains the tokenizer (`split_lines`: see make_tokenizer);
     `image_size` is the SigLIP input size of
     LLaVA-OneVision; `max_pixels`/`min_pixels` bound Qwen's frame size; `rope_theta` is the
-    decoder's RoPE base (Qwen's M-RoPE sections included; real Qwen2-VL checkpoints use 1e6).
+    decoder's RoPE base (Qwen's M-RoPE sections included; real Qwen2-VL checkpoints use 1e6);
+    `mrope_section` splits Qwen's rotary frequencies (highest first) over the temporal, height and
+    width axes (default: Qwen's 16/24/24 of 64, scaled to the head size).
     `max_crops` bounds LLaVA-OneVision's AnyRes grid: pinpoints of every i x j crops of
     `image_size` px with i, j <= max_crops (default 2: up to 2 x 2). `vision_overrides` also
     applies to LLaVA-OneVision's SigLIP tower.
@@ -130,7 +142,7 @@ def make_tiny(family: str, *, shape: str = "tiny", seed: int = 0, corpus=None, v
         ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
         text_cfg = dict(text, vocab_size=len(tok), max_position_embeddings=32768,
                         rope_parameters={"rope_type": "default", "rope_theta": float(rope_theta),
-                                         "mrope_section": _mrope_section(head_dim)},
+                                         "mrope_section": _check_section(mrope_section, head_dim)},
                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                         pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False)
         tok_ids = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
