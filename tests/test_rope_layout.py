@@ -87,3 +87,19 @@ def test_mmkv_on_a_long_video_matches_generate_in_either_layout(family, tiny_dir
     assert old.tokens == greedy(plain)
     assert enc.prefix.next_text_position > enc_old.prefix.next_text_position
     assert not torch.allclose(torch.stack(res.scores), torch.stack(old.scores))
+
+
+def test_a_checkpoint_card_names_the_layout_it_was_trained_in(tiny_dir, tmp_path):
+    """tools/train_long.py writes `train.rope_layout` into mmkv.json; loading reads it back, so a
+    checkpoint trained in transformers 5's layout is answered in that layout."""
+    import json
+    import shutil
+
+    import mmkv
+
+    d = str(tmp_path / "q")
+    shutil.copytree(tiny_dir["qwen2_vl"], d)
+    assert mmkv.load(d).adapter.rope_layout == "released"
+    with open(f"{d}/mmkv.json", "w") as f:
+        json.dump({"trained": True, "train": {"rope_layout": "transformers"}}, f)
+    assert mmkv.load(d).adapter.rope_layout == "transformers"

@@ -567,12 +567,13 @@ def sparse_example(seed: int, frames: int, codec: bool = True):
 
 
 @torch.no_grad()
-def evaluate(model, batcher, seeds, frames: int, device, batch: int = 2, codec: bool = True,
+def evaluate(model, batcher, seeds, frames: int, device, batch: int = 2, codec: bool = True, layout: str = "released",
              sparse: bool = False) -> dict:
     """Exact-match accuracy per question kind under teacher forcing (an answer counts only if
     every one of its tokens, and the end-of-turn token, is the argmax: exactly what greedy
     decoding would produce given the earlier turns, at the positions mmkv generates with:
-    `answer_positions`). `sparse`: `sparse_example`s instead."""
+    `answer_positions`, in `layout`, mmkv's Qwen adapter's `rope_layout`). `sparse`:
+    `sparse_example`s instead."""
     model.eval()
     hits: dict[str, list[int]] = {}
     for s in range(0, len(seeds), batch):
@@ -583,7 +584,7 @@ def evaluate(model, batcher, seeds, frames: int, device, batch: int = 2, codec: 
         inputs.pop("aux")
         inputs.pop("probe")
         labels = inputs.pop("labels")
-        inputs["position_ids"] = answer_positions(rope_positions(model, inputs), spans).to(device)
+        inputs["position_ids"] = answer_positions(rope_positions(model, inputs, layout), spans).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(**inputs, logits_to_keep=0).logits
         pred = logits.argmax(-1)
@@ -606,7 +607,8 @@ def evaluate_checkpoint(args, device) -> dict:
     seeds = list(range(TRAIN_SEED_LIMIT + 600_000, TRAIN_SEED_LIMIT + 600_000 + (args.eval_n or 24)))
     out = {}
     for f in [int(x) for x in args.final_frames.split(",") if x]:
-        out[str(f)] = evaluate(model, batcher, seeds, f, device, batch=1, codec=args.codec, sparse=args.sparse)
+        out[str(f)] = evaluate(model, batcher, seeds, f, device, batch=1, codec=args.codec, sparse=args.sparse,
+                               layout=args.rope_layout)
         print(json.dumps({"checkpoint": args.evaluate, "frames": f, "sparse": args.sparse, "n": len(seeds),
                           **{k: round(v, 3) for k, v in out[str(f)].items()}}), flush=True)
     return {"validation": out}
@@ -654,7 +656,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rope-layout", choices=ROPE_LAYOUTS, default="released",
                     help="M-RoPE layout of training and validation: 'released' (text after a video continues "
                          "after its largest position, as Qwen's own code and mmkv's Qwen adapter) or 'transformers' "
-                         "(transformers 5's get_rope_index as it is: runs up to P)")
+                         "(transformers 5's get_rope_index as it is: runs up to P; mmkv reads such a checkpoint "
+                         "with pipe.adapter.rope_layout = 'transformers'). Validation and --evaluate use it too")
     ap.add_argument("--mrope-section", default="",
                     help="the decoder's rotary frequencies (highest first) per temporal, height, width axis, "
                          "summing to head_dim / 2 = 16, e.g. 10,3,3 (default: Qwen's split scaled, 4,6,6)")
@@ -745,7 +748,7 @@ def main(argv: list[str] | None = None) -> dict:
                   + (f"att {att_ema:.3f} " if probe else "") +
                   f"lr {g['lr']:.2e} {time.time() - t0:6.0f}s cpu {time.process_time() - c0:6.0f}s", flush=True)
         if args.eval_n and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
-            res = evaluate(model, batcher, val_seeds, args.eval_frames, device, codec=args.codec)
+            res = evaluate(model, batcher, val_seeds, args.eval_frames, device, codec=args.codec, layout=args.rope_layout)
             print(f"  eval@{step + 1} ({args.eval_frames} frames): " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()), flush=True)
         if args.time_limit and time.time() - t0 > 60 * args.time_limit:
             print(f"time limit reached after {step + 1} steps", flush=True)
@@ -754,7 +757,7 @@ def main(argv: list[str] | None = None) -> dict:
     final = {}
     if args.eval_n:
         for f in [int(x) for x in args.final_frames.split(",") if x]:
-            final[str(f)] = evaluate(model, batcher, val_seeds, f, device, batch=1, codec=args.codec)
+            final[str(f)] = evaluate(model, batcher, val_seeds, f, device, batch=1, codec=args.codec, layout=args.rope_layout)
             print(f"  final ({f} frames): " + ", ".join(f"{k} {v:.3f}" for k, v in final[str(f)].items()), flush=True)
     print(f"trained in {train_s / 60:.1f} min", flush=True)
 

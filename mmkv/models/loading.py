@@ -138,4 +138,7 @@ def load_adapter(model: str | None = None, *, device=None, dtype="auto", attn_im
     adapter = ADAPTERS[mt](m, proc)
     adapter.path = path
     adapter.card = model_card(path)
+    layout = (adapter.card.get("train") or {}).get("rope_layout")
+    if layout is not None and hasattr(adapter, "rope_layout"):   # a checkpoint trained in that M-RoPE layout
+        adapter.rope_layout = str(layout)
     return adapter, base
