@@ -30,6 +30,12 @@ def test_shipped_checkpoint_is_the_default_and_small():
     assert card["validation"]  # the training run's own held-out accuracy is recorded
 
 
+def test_shipped_checkpoint_is_read_in_the_layout_it_was_trained_in(pipe):
+    """mmkv-tiny was trained through transformers 5's forward (its M-RoPE layout); its card says
+    so and the adapter follows it (the released layout costs it held-out answers)."""
+    assert model_card(SHIPPED)["train"]["rope_layout"] == "transformers" == pipe.adapter.rope_layout
+
+
 def test_answers_held_out_questions(pipe):
     """16 held-out videos of 96 frames, 4 per task. The model's validation accuracy is recorded in
     its card; here every colour, shape and order question must be right, and at most two of the

@@ -284,6 +284,8 @@ def main(argv: list[str] | None = None) -> dict:
             "task": "synthetic needle-in-a-video multiple choice (mmkv.synthetic): " + ", ".join(tasks),
             "prompt": f"Video-MME (lmms-eval) format; {SIZE}x{SIZE} frames at 2 fps",
             "train": {"steps": args.steps, "max_frames": args.max_frames, "lr": args.lr, "seed": args.seed,
+                      # trained through transformers' own forward: transformers 5's M-RoPE layout
+                      "rope_layout": "transformers",
                       "threads": args.threads, "minutes": round(train_s / 60, 1),
                       "command": "python tools/train_tiny.py " + " ".join(sys.argv[1:] if argv is None else argv)},
             "validation": {str(k): v for k, v in final.items()}}
