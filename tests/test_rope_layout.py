@@ -103,3 +103,7 @@ def test_a_checkpoint_card_names_the_layout_it_was_trained_in(tiny_dir, tmp_path
     with open(f"{d}/mmkv.json", "w") as f:
         json.dump({"trained": True, "train": {"rope_layout": "transformers"}}, f)
     assert mmkv.load(d).adapter.rope_layout == "transformers"
+    with open(f"{d}/mmkv.json", "w") as f:
+        json.dump({"trained": True, "train": {"rope_layout": "v4"}}, f)
+    with pytest.raises(mmkv.ModelError, match="rope_layout"):
+        mmkv.load(d)

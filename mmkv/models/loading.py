@@ -140,5 +140,8 @@ def load_adapter(model: str | None = None, *, device=None, dtype="auto", attn_im
     adapter.card = model_card(path)
     layout = (adapter.card.get("train") or {}).get("rope_layout")
     if layout is not None and hasattr(adapter, "rope_layout"):   # a checkpoint trained in that M-RoPE layout
-        adapter.rope_layout = str(layout)
+        from .qwen2_vl import ROPE_LAYOUTS
+        if layout not in ROPE_LAYOUTS:
+            raise ModelError(f"{path}/mmkv.json: train.rope_layout must be one of {ROPE_LAYOUTS}, got {layout!r}")
+        adapter.rope_layout = layout
     return adapter, base
