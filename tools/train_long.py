@@ -529,8 +529,7 @@ def shift_time(model, inputs: dict, pad_id: int, span: int, rng: np.random.Gener
         t = int(inputs["video_grid_thw"][b][0])
         r = int(rng.integers(0, max(0, span - t) + 1))
         if layout == "released":
-            after = torch.zeros_like(vis)
-            after[int(vis.nonzero()[-1, 0]) + 1:] = True
+            after = torch.arange(len(vis), device=vis.device) > vis.nonzero()[-1, 0]
             pos[:, b, after & inputs["attention_mask"][b].bool()] += r
         else:
             pos[0, b, vis] += r
@@ -545,7 +544,8 @@ def answer_positions(pos: torch.Tensor, spans: list[list[tuple[int, int]]]) -> t
     the answer from the question's own text position, which for a video sits below the video's
     temporal positions: a model trained on that reads its answers' second and later tokens at
     positions it never meets when it generates (M and earlier runs: right first words, broken
-    rest). pos [3, B, L] (changed in place and returned); spans: each conversation's answer spans."""
+    rest). In the released layout, where all text after the video is contiguous, this changes
+    nothing. pos [3, B, L] (changed in place and returned); spans: each conversation's answer spans."""
     for b, sp in enumerate(spans):
         a0 = sp[0][0]
         pos[:, b, a0:] += pos[:, b, :a0].max() + 1 - pos[0, b, a0]
