@@ -1,6 +1,7 @@
 """`mmkv bench quality --task long`: the JSON contract, the three protocols, skipped presses,
 resuming, and the paired bootstrap interval."""
 import json
+import os
 
 import numpy as np
 import torch
@@ -123,3 +124,23 @@ def test_headline_recipes_all_run_under_encode(tiny_dir, tmp_path):
     by = {r["recipe"]: r for r in res}
     assert by["bilevel"]["offloaded_bytes_ratio"] > 0.5 and by["bilevel"]["kv_bytes_ratio"] < 0.5
     assert by["observed:0.75,share=1,probes=16+kivi:2"]["kv_bytes_ratio"] < by["observed:0.75,share=1,probes=16"]["kv_bytes_ratio"]
+
+
+def test_resume_does_not_reuse_records_of_another_checkpoint(tiny_dir, tmp_path):
+    """Records are reused only for the same checkpoint files read the same way: the same folder
+    with a changed card (another M-RoPE layout) or retrained weights is measured again."""
+    import shutil
+
+    from mmkv.cli import main
+
+    d = str(tmp_path / "m")
+    shutil.copytree(tiny_dir["qwen2_vl"], d)
+    out = tmp_path / "r.json"
+    args = ["bench", "quality", "--task", "long", "--model", d, "--frames", "96", "--n", "1", "--protocol", "encode",
+            "--recipes", "none", "--data-dir", str(tmp_path / "data"), "--json", str(out), "--no-progress"]
+    records = str(out) + ".records.jsonl"
+    assert main(args) == 0 and len(open(records).read().splitlines()) == 1
+    assert main(args) == 0 and len(open(records).read().splitlines()) == 1      # same checkpoint: resumed
+    with open(os.path.join(d, "mmkv.json"), "w") as f:
+        json.dump({"train": {"rope_layout": "transformers"}}, f)
+    assert main(args) == 0 and len(open(records).read().splitlines()) == 2      # read another way: again

@@ -22,6 +22,7 @@ run resumes where it stopped; the summary is rebuilt from that file.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -164,6 +165,16 @@ def summarize(spec: str, label: str, videos: list[dict] | None, base: list[dict]
     return out
 
 
+def model_ident(adapter) -> str:
+    """What a resumed record must have been computed with besides its model name: the checkpoint's
+    files (names, sizes, modification times) and, for Qwen, the M-RoPE layout it is read in. A
+    model retrained into the same folder, or read in another layout, starts afresh."""
+    path = getattr(adapter, "path", None)
+    files = sorted((f, os.path.getsize(os.path.join(path, f)), int(os.path.getmtime(os.path.join(path, f))))
+                   for f in os.listdir(path) if os.path.isfile(os.path.join(path, f))) if path and os.path.isdir(path) else []
+    return hashlib.sha1(json.dumps([files, getattr(adapter, "rope_layout", None)]).encode()).hexdigest()[:16]
+
+
 def run(model: str, recipes: list[tuple[str, str]], videos: list[list[dict]], data_dir: str, protocol: str,
         frames: int, records: str, progress: bool = True, limit_s: float = 0) -> list[dict]:
     """Every recipe on every video (videos outer, so a cut-short run covers every recipe), resuming
@@ -173,13 +184,15 @@ def run(model: str, recipes: list[tuple[str, str]], videos: list[list[dict]], da
 
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    base = mmkv.load(model, compress_at="encode" if protocol == "encode" else "ask")
+    ident = model_ident(base.adapter)
     done: dict[tuple[str, str], dict] = {}
     if os.path.exists(records):
         for line in open(records):
             r = json.loads(line)
-            if r["protocol"] == protocol and r["frames"] == frames and r["model"] == model:
+            if r["protocol"] == protocol and r["frames"] == frames and r["model"] == model \
+                    and r.get("model_ident") == ident:
                 done[(r["recipe"], r["videoID"])] = r
-    base = mmkv.load(model, compress_at="encode" if protocol == "encode" else "ask")
     pipes = {spec: base.with_recipe(spec) for spec, _ in recipes}
     skipped = {spec: skip_reason(p, protocol) for spec, p in pipes.items()}
     t0 = time.perf_counter()
@@ -195,7 +208,7 @@ def run(model: str, recipes: list[tuple[str, str]], videos: list[list[dict]], da
             visual: dict = {}
             for spec in todo:
                 rec = run_video(pipes[spec], rows, frames_arr, protocol, visual)
-                rec.update(recipe=spec, protocol=protocol, frames=frames, model=model)
+                rec.update(recipe=spec, protocol=protocol, frames=frames, model=model, model_ident=ident)
                 done[(spec, rec["videoID"])] = rec
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
