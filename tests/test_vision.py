@@ -571,11 +571,15 @@ def test_positions_sensitivity(tiny_dir, hf_models):
 @pytest.mark.slow
 def test_streaming_memory_does_not_grow_with_video_length(tiny_dir, tmp_path):
     """Decode -> encode -> PVC, chunk by chunk: the resident set after each chunk stops growing.
-    Between N and 4N frames it grows far less than the raw frames it went through (3N frames)."""
+    Between N and 4N frames it grows far less than the raw frames it went through (3N frames).
+
+    The warm-up covers the first N frames: after a shorter one (8 chunks) the resident set still
+    climbs for about 100 frames (pools filling, then flat), and where that climb ended just past
+    the first quarter the check failed on a bounded ramp, not a leak (2 of 5 suite runs)."""
     from mmkv.bench.longvideo import measure, write_long_video
     n, side, chunk = 96, 320, 8
     video = write_long_video(str(tmp_path / "long.mp4"), 4 * n, size=side)
-    r = measure(video, tiny_dir["qwen2_vl"], "pvc", chunk_frames=chunk, threads=1, timeout=600)
+    r = measure(video, tiny_dir["qwen2_vl"], "pvc", chunk_frames=chunk, threads=1, timeout=600, warmup_frames=n)
     trace = r["chunk_rss_mib"]
     assert len(trace) == 4 * n // chunk and r["frames"] == 4 * n
     raw_growth = 3 * n * side * side * 3 / 2**20                   # MiB of decoded frames between N and 4N
