@@ -344,3 +344,24 @@ def test_mrope_section_is_a_config_choice_that_survives_saving(train, tmp_path):
     assert not torch.allclose(a, b)            # same weights (same seed), other rotary split
     with pytest.raises(ValueError, match="mrope_section"):
         train.build_model(0, [4, 4, 4])
+
+
+def test_heads_set_the_head_size_and_its_rotary_frequencies(train, tmp_path):
+    """`--heads 2 --kv-heads 2`: 64-dim heads (hidden 128 / 2), so 32 rotary frequencies split by
+    Qwen's rule (8 / 12 / 12); saved and loaded back as that shape, and a count that does not
+    divide is refused before any training."""
+    from transformers import AutoModelForImageTextToText
+
+    model, proc = train.build_model(0, heads=2, kv_heads=2)
+    d = str(tmp_path / "m")
+    model.save_pretrained(d)
+    back = AutoModelForImageTextToText.from_pretrained(d)
+    cfg = back.config.text_config
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads) == (2, 2)
+    assert cfg.rope_parameters["mrope_section"] == [8, 12, 12]
+    assert back.model.language_model.layers[0].self_attn.k_proj.out_features == 2 * 64
+    assert train.build_model(0, [20, 6, 6], heads=2, kv_heads=1)[0].config.text_config.num_key_value_heads == 1
+    with pytest.raises(ValueError, match="heads"):
+        train.build_model(0, heads=3)
+    with pytest.raises(ValueError, match="mrope_section"):
+        train.build_model(0, [10, 3, 3], heads=2)

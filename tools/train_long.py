@@ -137,10 +137,18 @@ def short_example(seed: int, frames: int):
     return LongExample(seed, frames, placed, [], render(frames, needles, rng, SIZE, palette=COLORS))
 
 
-def build_model(seed: int, mrope_section: list[int] | None = None):
+def build_model(seed: int, mrope_section: list[int] | None = None, heads: int | None = None,
+                kv_heads: int | None = None):
+    """The decoder of TEXT, optionally with `heads` query heads over `kv_heads` KV heads (Qwen2-VL's
+    head size is hidden / heads: 2 heads give 64-dim heads, 32 rotary frequencies instead of 16)."""
     torch.manual_seed(seed)
+    text = dict(TEXT, **({"num_attention_heads": heads} if heads else {}),
+                **({"num_key_value_heads": kv_heads} if kv_heads else {}))
+    if text["hidden_size"] % text["num_attention_heads"] or text["num_attention_heads"] % text["num_key_value_heads"]:
+        raise ValueError(f"heads must divide hidden size {text['hidden_size']} and be a multiple of the KV heads, "
+                         f"got {text['num_attention_heads']} over {text['num_key_value_heads']}")
     return make_tiny("qwen2_vl", seed=seed, corpus=corpus(), vocab_size=600, split_lines=False,
-                     text_overrides=TEXT, vision_overrides=VISION, min_pixels=SIZE * SIZE,
+                     text_overrides=text, vision_overrides=VISION, min_pixels=SIZE * SIZE,
                      max_pixels=SIZE * SIZE, rope_theta=ROPE_THETA, mrope_section=mrope_section)
 
 
@@ -658,9 +666,13 @@ def main(argv: list[str] | None = None) -> dict:
                          "after its largest position, as Qwen's own code and mmkv's Qwen adapter) or 'transformers' "
                          "(transformers 5's get_rope_index as it is: runs up to P; mmkv reads such a checkpoint "
                          "with pipe.adapter.rope_layout = 'transformers'). Validation and --evaluate use it too")
+    ap.add_argument("--heads", type=int, default=None,
+                    help=f"decoder query heads (default {TEXT['num_attention_heads']}; head size = hidden "
+                         f"{TEXT['hidden_size']} / heads, so 2 gives 64-dim heads with 32 rotary frequencies)")
+    ap.add_argument("--kv-heads", type=int, default=None, help=f"decoder KV heads (default {TEXT['num_key_value_heads']})")
     ap.add_argument("--mrope-section", default="",
                     help="the decoder's rotary frequencies (highest first) per temporal, height, width axis, "
-                         "summing to head_dim / 2 = 16, e.g. 10,3,3 (default: Qwen's split scaled, 4,6,6)")
+                         "summing to head_dim / 2 (16 with 4 heads), e.g. 10,3,3 (default: Qwen's split scaled, 4,6,6)")
     ap.add_argument("--time-offset", type=int, default=0,
                     help="frame pairs: each training video's temporal positions start at a random offset "
                          "inside this span (0: none; 1024 covers held-out videos of 2,048 frames)")
@@ -680,7 +692,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.evaluate:
         return evaluate_checkpoint(args, device)
 
-    model, proc = build_model(args.seed, [int(x) for x in args.mrope_section.split(",")] if args.mrope_section else None)
+    model, proc = build_model(args.seed, [int(x) for x in args.mrope_section.split(",")] if args.mrope_section else None,
+                              args.heads, args.kv_heads)
     batcher = LongBatcher(model, proc, args.attn_sup_targets)
     check_batched_vision(model, batcher)
     model.to(device)
