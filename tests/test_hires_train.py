@@ -73,3 +73,69 @@ def test_training_is_deterministic(tmp_path):
     from safetensors.torch import load_file
     wa, wb = (load_file(str(tmp_path / x / "model.safetensors")) for x in "ab")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_attention_targets_and_ranks_point_at_the_objects_the_answers_are_read_from():
+    """Each supervised row predicts an answer word and targets the crop token of the object it is
+    read from, checked against the pixels of that token's 14 px cell (found through the adapter's
+    own token layout): locate and describe the needle (its colour is drawn there), count the last
+    object of the needle's shape in reading order, whose rank is the count."""
+    from mmkv.synthetic.long import COLORS
+
+    model, proc = train_hires.build_model(0)
+    b = train_hires.HiresBatcher(model, proc)
+    coords = b.adapter._image_coords(10, torch.tensor([[252, 252]]))          # (t, h, w) per visual token
+
+    def cell_pixels(ex, k):
+        t, h, w = coords[k - len(b.head)].tolist()
+        assert t == 1 and h >= 0                                              # a crop token, not the thumbnail
+        return ex.image[h * 14:(h + 1) * 14, w * 14:(w + 1) * 14].reshape(-1, 3)
+
+    def drawn(px, color):
+        return int((px == np.array(COLORS[color])).all(1).sum())
+
+    for seed in (5, 77, 1234):
+        ex = make_hires_example(seed)
+        inputs = b([ex])
+        rows, targets = inputs["probe"]
+        ids, labels = inputs["input_ids"][0], inputs["labels"][0]
+        by_row = {}
+        for r, t in zip(rows[0].tolist(), targets[0]):
+            if r >= 0:
+                (k,) = t.nonzero().flatten().tolist()
+                assert int(ids[k]) == b.image_id and labels[r + 1] not in (-100, b.eos)
+                by_row[r] = k
+        spans = {q.kind: sp for q, sp in zip(ex.questions, inputs["spans"][0])}
+        n = ex.needle
+        for kind in ("locate", "describe"):
+            a, e = spans[kind]
+            assert sorted(r for r in by_row if a - 1 <= r < e) == [a - 1, a]   # both words, not end-of-turn
+            assert all(drawn(cell_pixels(ex, by_row[r]), n.color) > 10 for r in (a - 1, a))
+        a, e = spans["count"]
+        assert a - 1 in by_row and a not in by_row                           # the number; the shape word: none
+        k = by_row[a - 1]
+        (obj,) = [it for it in ex.items if drawn(cell_pixels(ex, k), it.color) > 10 and it.cell == tuple(
+            int(x) for x in coords[k - len(b.head), 1:])]
+        later = [it for it in ex.items if it.shape == n.shape and int(b.cell_token[it.cell]) > k - len(b.head)]
+        assert obj.shape == n.shape and not later                            # the last of the shape
+        count = [q for q in ex.questions if q.kind == "count"][0].answer
+        assert count.startswith(f"{int(b.ranks(ex)[k - len(b.head)])} ")
+
+
+def test_stage_one_and_frozen_tower(tmp_path):
+    """--vision-steps trains the tower alone first (its accuracies go to the card); with
+    --freeze-vision and no stage 1 the tower and projector leave training exactly as built."""
+    out = str(tmp_path / "m")
+    train_hires.main(["--steps", "2", "--batch", "2", "--eval-n", "0", "--final-n", "0", "--out", out,
+                      "--freeze-vision", "--rank-aux", "0.5", "--attn-sup", "1", *THREADS])
+    from transformers import AutoModelForImageTextToText
+    w = AutoModelForImageTextToText.from_pretrained(out).state_dict()
+    ref = train_hires.build_model(0)[0].state_dict()
+    tower = [k for k in w if "vision_tower" in k or "multi_modal_projector" in k]
+    assert tower and all(torch.equal(w[k], ref[k]) for k in tower)
+    assert not all(torch.equal(w[k], ref[k]) for k in w if "language_model" in k)
+    out2 = str(tmp_path / "v")
+    train_hires.main(["--steps", "1", "--batch", "2", "--eval-n", "0", "--final-n", "0", "--out", out2,
+                      "--vision-steps", "2", *THREADS])
+    card = json.load(open(os.path.join(out2, "mmkv.json")))
+    assert card["vision_stage"]["steps"] == 2 and set(card["vision_stage"]["token_accuracy"]) == {"color", "shape", "none"}

@@ -16,6 +16,13 @@ and shape drawn in each visual token (on the projector's output), and which crop
 each crop token lies in (on the decoder's hidden state after layer 2; the decoder has 1-D
 positions only, so "top left" must be learnt from where a token sits in the sequence).
 
+What the long-video model needed carries over as options (docs/model.md): `--vision-steps N`
+trains the tower and projector alone first on what each token shows, `--freeze-vision` keeps them
+fixed afterwards, `--rank-aux W` adds a decoder head for each object's rank among its shape read
+so far (a count is the rank of the shape's last object), and `--attn-sup W` supervises the
+attention of two heads of the last decoder layer at each answer word onto the crop token that
+word is read from (the needle for locate and describe, the shape's last object for a count).
+
 Seeded and deterministic for a given machine and thread count: step i's data comes from seeds
 derived from (--seed, i). Training seeds are below 1,000,000; held-out sets use 1,000,000 and up
 (`mmkv bench quality --task image`), validation here 1,500,000 and up.
@@ -35,6 +42,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
+from train_long import AttentionSupervision  # noqa: E402
 from train_tiny import lr_at  # noqa: E402
 
 from mmkv.models.llava_onevision import LlavaOnevisionAdapter  # noqa: E402
@@ -100,6 +108,10 @@ class HiresBatcher:
         self.crop_tokens = crop.nonzero().squeeze(1)                                 # [324] among the visual tokens
         self.crop_row = coords[crop, 1] // SIDE
         self.crop_col = coords[crop, 2] // SIDE
+        n_cells = SIZE // CELL
+        self.cell_token = torch.full((n_cells, n_cells), -1, dtype=torch.long)   # full-image cell -> visual index
+        self.cell_token[coords[crop, 1], coords[crop, 2]] = self.crop_tokens
+        assert bool((self.cell_token >= 0).all()), "every 14 px cell must be one crop token"
 
     def pixels(self, images: list[np.ndarray]) -> torch.Tensor:
         """[B, 1 + GRID^2, 3, CROP, CROP]: the thumbnail (bicubic, antialiased), then the crops row-major."""
@@ -124,6 +136,41 @@ class HiresBatcher:
             shp[v, gy % SIDE, gx % SIDE] = s
             col[0, it.y * SIDE // SIZE, it.x * SIDE // SIZE] = c
         return col.flatten(1), shp.flatten(1)
+
+    def object_order(self, ex) -> list:
+        """The objects in the order the decoder reads their crop tokens (AnyRes packs the crops
+        into one grid, row by row over the whole image)."""
+        return sorted(ex.items, key=lambda it: int(self.cell_token[it.cell]))
+
+    def ranks(self, ex) -> torch.Tensor:
+        """Per crop token (visual index order): the object's rank among the objects of its shape
+        read so far (1 = the first; 0 where no object): the count of a shape is the rank of its
+        last object."""
+        out = torch.zeros(self.n_visual, dtype=torch.long)
+        seen: dict[str, int] = {}
+        for it in self.object_order(ex):
+            seen[it.shape] = seen.get(it.shape, 0) + 1
+            out[self.cell_token[it.cell]] = seen[it.shape]
+        return out
+
+    def probe_rows(self, ex, spans) -> tuple[list[int], list[list[int]]]:
+        """For `AttentionSupervision` (tools/train_long.py): the positions that predict an answer
+        word and, per row, the sequence positions of the crop tokens that word is read from.
+        locate and describe: both words on the needle (the object in the asked crop is the needle);
+        count: the number on the last object of the needle's shape in reading order (its rank is
+        the count, taught by `AuxHeads`' rank head); the shape word, which the question gives, and
+        the end-of-turn token are left out."""
+        at = lambda it: len(self.head) + int(self.cell_token[it.cell])  # noqa: E731
+        rows, tgt = [], []
+        for (a, b), q in zip(spans, ex.questions):
+            if q.kind == "count":
+                same = [it for it in self.object_order(ex) if it.shape == ex.needle.shape]
+                per_row = [[at(same[-1])]]
+            else:
+                per_row = [[at(ex.needle)]] * (b - a - 1)
+            rows += [a - 1 + j for j in range(len(per_row))]
+            tgt += per_row
+        return rows, tgt
 
     def conversation(self, ex) -> tuple[list[int], list[int], list[tuple[int, int]]]:
         """ids, labels (-100 outside the answers) and each answer's (start, end) label span."""
@@ -157,6 +204,14 @@ class HiresBatcher:
             cols.append(c)
             shps.append(s)
         n = max(map(len, seqs))
+        probes = [self.probe_rows(ex, sp) for ex, sp in zip(examples, spans)]
+        r = max(1, max(len(x[0]) for x in probes))
+        rows = torch.full((len(seqs), r), -1, dtype=torch.long)
+        targets = torch.zeros((len(seqs), r, n), dtype=torch.bool)
+        for i, (rw, tg) in enumerate(probes):
+            rows[i, :len(rw)] = torch.tensor(rw, dtype=torch.long)
+            for j, k in enumerate(tg):
+                targets[i, j, k] = True
         input_ids = torch.full((len(seqs), n), self.pad, dtype=torch.long)
         lab = torch.full((len(seqs), n), -100, dtype=torch.long)
         mask = torch.zeros((len(seqs), n), dtype=torch.long)
@@ -167,8 +222,10 @@ class HiresBatcher:
         return {"input_ids": input_ids, "attention_mask": mask, "labels": lab,
                 "pixel_values": self.pixels([ex.image for ex in examples]),
                 "image_sizes": torch.tensor([[SIZE, SIZE]] * len(examples)), "spans": spans,
+                "probe": (rows, targets),
                 "aux": {"color": torch.cat(cols).flatten(), "shape": torch.cat(shps).flatten(),
-                        "crop_at": len(self.head) + self.crop_tokens}}
+                        "crop_at": len(self.head) + self.crop_tokens,
+                        "rank": torch.stack([self.ranks(ex)[self.crop_tokens] for ex in examples])}}
 
 
 def check_pixels(batcher: HiresBatcher, proc) -> None:
@@ -182,30 +239,80 @@ def check_pixels(batcher: HiresBatcher, proc) -> None:
 
 class AuxHeads(torch.nn.Module):
     """Training-only heads (never saved): the colour and shape in each visual token (projector
-    output), and the crop row / column of each crop token (decoder hidden state after POS_LAYER)."""
+    output; object and background tokens averaged apart, as an object is one token of ~40), the
+    crop row / column of each crop token and, with `rank`, each object's rank among the objects
+    of its shape read so far (decoder hidden state after POS_LAYER; weight `rank`, 0: off)."""
 
-    def __init__(self, model, batcher: HiresBatcher):
+    def __init__(self, model, batcher: HiresBatcher, rank: float = 0.0):
         super().__init__()
         d = model.config.text_config.hidden_size
         self.color = torch.nn.Linear(d, len(COLORS) + 1)
         self.shape = torch.nn.Linear(d, len(SHAPES) + 1)
         self.row = torch.nn.Linear(d, GRID)
         self.col = torch.nn.Linear(d, GRID)
+        self.rank_w = rank
+        self.rank = torch.nn.Linear(d, GRID * GRID + 1)
         self.register_buffer("crop_row", batcher.crop_row.clone())
         self.register_buffer("crop_col", batcher.crop_col.clone())
         self.visual = None
         model.model.multi_modal_projector.register_forward_hook(lambda m, i, o: setattr(self, "visual", o))
 
+    def visual_loss(self, aux: dict) -> tuple[torch.Tensor, dict]:
+        """Colour and shape of each visual token (the last projector output), and their accuracies."""
+        f = torch.nn.functional.cross_entropy
+        v = torch.nn.functional.layer_norm(self.visual.float(), self.visual.shape[-1:]).flatten(0, 1)
+        obj, m = aux["color"] > 0, aux["shape"] > 0
+        pc, ps = self.color(v), self.shape(v[m])
+        loss = f(pc[obj], aux["color"][obj]) + f(pc[~obj], aux["color"][~obj]) + f(ps, aux["shape"][m])
+        with torch.no_grad():
+            acc = {"color": (pc[obj].argmax(-1) == aux["color"][obj]).float().mean().item(),
+                   "shape": (ps.argmax(-1) == aux["shape"][m]).float().mean().item(),
+                   "none": (pc[~obj].argmax(-1) == 0).float().mean().item()}
+        return loss, acc
+
     def loss(self, aux: dict, hidden: torch.Tensor) -> torch.Tensor:
         f = torch.nn.functional.cross_entropy
         norm = lambda x: torch.nn.functional.layer_norm(x.float(), x.shape[-1:])  # noqa: E731
-        v = norm(self.visual).flatten(0, 1)                                    # [B * views * SIDE^2, D]
-        m = aux["shape"] > 0
         h = norm(hidden[:, aux["crop_at"]])                                    # [B, 324, D]
         b = h.shape[0]
-        return (f(self.color(v), aux["color"]) + f(self.shape(v[m]), aux["shape"][m])
-                + f(self.row(h).flatten(0, 1), self.crop_row.repeat(b))
-                + f(self.col(h).flatten(0, 1), self.crop_col.repeat(b)))
+        out = (self.visual_loss(aux)[0] + f(self.row(h).flatten(0, 1), self.crop_row.repeat(b))
+               + f(self.col(h).flatten(0, 1), self.crop_col.repeat(b)))
+        if self.rank_w:
+            m = aux["rank"] > 0
+            out = out + self.rank_w * f(self.rank(h[m]), aux["rank"][m])
+        return out
+
+
+def pretrain_vision(model, batcher: HiresBatcher, heads: AuxHeads, steps: int, seed: int, device, batch: int,
+                    lr: float = 2e-3, log=print) -> dict:
+    """Stage 1: the vision tower and projector (and the colour / shape heads) alone, on which
+    colour and shape each visual token shows: no decoder, no sequence, so a step is cheap, and
+    the decoder's training starts from tokens that already say what they show (the long-video
+    model's first bottleneck, docs/model.md). Returns the last step's token accuracies."""
+    cfg = model.config
+    params = (list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
+              + list(heads.color.parameters()) + list(heads.shape.parameters()))
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    acc: dict = {}
+    for step in range(steps):
+        rng = np.random.default_rng([seed, 2_000_000 + step])
+        exs = [make_hires_example(int(s)) for s in rng.integers(0, TRAIN_SEED_LIMIT, batch)]
+        labels = [batcher.token_labels(ex) for ex in exs]
+        aux = {"color": torch.cat([c for c, _ in labels]).flatten().to(device),
+               "shape": torch.cat([s for _, s in labels]).flatten().to(device)}
+        model.model.get_image_features(pixel_values=batcher.pixels([ex.image for ex in exs]).to(device),
+                                       image_sizes=torch.tensor([[SIZE, SIZE]] * len(exs), device=device),
+                                       vision_feature_layer=cfg.vision_feature_layer,
+                                       vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+        loss, acc = heads.visual_loss(aux)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"vision {step:4d} loss {loss.item():.3f} " + " ".join(f"{k} {a:.2f}" for k, a in acc.items()))
+    return acc
 
 
 def to_device(inputs: dict, device) -> dict:
@@ -224,6 +331,7 @@ def evaluate(model, batcher, seeds, device, batch: int = 8) -> dict:
         inputs = to_device(batcher(exs), device)
         spans = inputs.pop("spans")
         inputs.pop("aux")
+        inputs.pop("probe")
         labels = inputs.pop("labels")
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(**inputs, logits_to_keep=0).logits
@@ -254,6 +362,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0: none)")
     ap.add_argument("--embed-std", type=float, default=0.02, help="initial std of the text embeddings")
     ap.add_argument("--time-limit", type=float, default=0, help="stop early after this many minutes (0: none)")
+    ap.add_argument("--vision-steps", type=int, default=0,
+                    help="stage 1: steps of the vision tower and projector alone on what each token shows (0: none)")
+    ap.add_argument("--freeze-vision", action="store_true",
+                    help="after stage 1, train the decoder only (the tower and projector fixed)")
+    ap.add_argument("--rank-aux", type=float, default=0.0,
+                    help="weight of the decoder's rank head (each object's rank among its shape so far)")
+    ap.add_argument("--attn-sup", type=float, default=0.0,
+                    help="weight of the attention supervision (each answer word's attention on its object)")
+    ap.add_argument("--attn-sup-layer", type=int, default=4)
+    ap.add_argument("--attn-sup-heads", default="0,1")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -265,9 +383,17 @@ def main(argv: list[str] | None = None) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params / 1e6:.2f}M, vocab {len(proc.tokenizer)}, steps {args.steps}, device {device}", flush=True)
     model.train()
-    heads = AuxHeads(model, batcher).to(device)
-    params = list(model.parameters()) + list(heads.parameters())
+    heads = AuxHeads(model, batcher, args.rank_aux).to(device)
+    vision_acc = pretrain_vision(model, batcher, heads, args.vision_steps, args.seed, device, args.batch,
+                                 log=lambda m: print(m, flush=True)) if args.vision_steps else {}
+    if args.freeze_vision:
+        model.model.vision_tower.requires_grad_(False)
+        model.model.multi_modal_projector.requires_grad_(False)
+    params = [p for p in list(model.parameters()) + list(heads.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    probe = AttentionSupervision(model, args.attn_sup_layer, [int(h) for h in args.attn_sup_heads.split(",")]) \
+        if args.attn_sup else None
+    att_ema = None
     val_seeds = list(range(TRAIN_SEED_LIMIT + 500_000, TRAIN_SEED_LIMIT + 500_000 + max(args.eval_n, args.final_n)))
     losses, t0, ema, aux_ema, steps_done = [], time.time(), None, None, 0
     for step in range(args.steps):
@@ -276,12 +402,19 @@ def main(argv: list[str] | None = None) -> dict:
         inputs = to_device(batcher(exs), device)
         aux = inputs.pop("aux")
         inputs.pop("spans")
+        probe_rows, probe_targets = inputs.pop("probe")
+        if probe:
+            probe.set(probe_rows.to(device), probe_targets.to(device))
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out = model(**inputs, output_hidden_states=True)
             aux_loss = heads.loss(aux, out.hidden_states[POS_LAYER])
         loss = out.loss + args.aux_weight * aux_loss
+        if probe:
+            loss = loss + args.attn_sup * probe.loss
+            att_ema = probe.loss.item() if att_ema is None else 0.98 * att_ema + 0.02 * probe.loss.item()
+            probe.rows = None                                  # evaluation and other calls: plain SDPA
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if args.clip:
@@ -297,7 +430,8 @@ def main(argv: list[str] | None = None) -> dict:
         losses.append(out.loss.item())
         steps_done = step + 1
         if step % 25 == 0:
-            print(f"step {step:5d} loss {ema:.4f} tokens {acc_ema:.3f} aux {aux_ema:.3f} lr {g['lr']:.2e} {time.time() - t0:6.0f}s",
+            print(f"step {step:5d} loss {ema:.4f} tokens {acc_ema:.3f} aux {aux_ema:.3f} "
+                  + (f"att {att_ema:.3f} " if probe else "") + f"lr {g['lr']:.2e} {time.time() - t0:6.0f}s",
                   flush=True)
         if args.eval_n and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             res = evaluate(model, batcher, val_seeds[:args.eval_n], device)
@@ -311,6 +445,9 @@ def main(argv: list[str] | None = None) -> dict:
         print("  final: " + ", ".join(f"{k} {v:.3f}" for k, v in final.items()), flush=True)
     print(f"trained in {train_s / 60:.1f} min", flush=True)
 
+    if probe:
+        model.set_attn_implementation({"text_config": "sdpa"})
+    model.requires_grad_(True)
     model.to("cpu").float().eval()
     model.generation_config.do_sample = False
     model.generation_config.max_new_tokens = 8
@@ -326,6 +463,7 @@ def main(argv: list[str] | None = None) -> dict:
             "train": {"steps": steps_done, "batch": args.batch, "lr": args.lr, "seed": args.seed,
                       "threads": args.threads, "device": str(device), "minutes": round(train_s / 60, 1),
                       "command": "python tools/train_hires.py " + " ".join(sys.argv[1:] if argv is None else argv)},
+            "vision_stage": {"steps": args.vision_steps, "token_accuracy": vision_acc},
             "validation": final, "validation_images": args.final_n,
             "validation_note": "teacher-forced exact match on held-out seeds 1,500,000+"}
     with open(os.path.join(args.out, "mmkv.json"), "w") as f:
