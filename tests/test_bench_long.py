@@ -91,14 +91,16 @@ def test_visual_cache_gives_the_same_encodings(tiny_dir):
 
 
 @pytest.mark.parametrize("task", ["needle", "long", "image"])
-def test_missing_model_or_bad_recipe_is_refused_before_any_data(tmp_path, task, capsys):
+def test_missing_model_or_bad_recipe_is_refused_before_any_data(tmp_path, task, capsys, monkeypatch):
     """A missing bundled checkpoint or a recipe that does not parse is an error (exit 2) before the
     held-out data is written (at 1,024 frames that is minutes of rendering)."""
     from mmkv.cli import main
 
     data = tmp_path / "data"
     base = ["bench", "quality", "--task", task, "--n", "1", "--data-dir", str(data), "--no-progress"]
-    assert main(base + ["--model", "mmkv-long"]) == 2 and not data.exists()
+    with monkeypatch.context() as m:
+        m.setattr("mmkv.models.loading.ASSETS", str(tmp_path / "no-assets"))   # an installation without it
+        assert main(base + ["--model", "mmkv-long"]) == 2 and not data.exists()
     assert "mmkv-long" in capsys.readouterr().err
     assert main(base + ["--model", "mmkv-tiny", "--recipes", "none;kivi:bits=2,bits=4"]) == 2 and not data.exists()
     assert "bits" in capsys.readouterr().err
