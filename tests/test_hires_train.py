@@ -5,6 +5,7 @@ import os
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 import mmkv
@@ -139,3 +140,20 @@ def test_stage_one_and_frozen_tower(tmp_path):
                       "--vision-steps", "2", *THREADS])
     card = json.load(open(os.path.join(out2, "mmkv.json")))
     assert card["vision_stage"]["steps"] == 2 and set(card["vision_stage"]["token_accuracy"]) == {"color", "shape", "none"}
+
+
+def test_head_size_and_rope_base_are_config_choices(tmp_path):
+    """--heads 2 --kv-heads 2 --rope-theta 1e6: 64-dim heads and another RoPE base, saved in the
+    checkpoint's config and loaded back; the defaults stay those of the tiny builder; a head count
+    that does not divide the hidden size is refused."""
+    from transformers import AutoModelForImageTextToText
+
+    model, _ = train_hires.build_model(0, heads=2, kv_heads=2, rope_theta=1e6)
+    d = str(tmp_path / "m")
+    model.save_pretrained(d)
+    cfg = AutoModelForImageTextToText.from_pretrained(d).config.text_config
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.rope_parameters["rope_theta"]) == (2, 2, 1e6)
+    default = train_hires.build_model(0)[0].config.text_config
+    assert (default.num_attention_heads, default.rope_parameters["rope_theta"]) == (4, 10000.0)
+    with pytest.raises(ValueError, match="heads"):
+        train_hires.build_model(0, heads=3)

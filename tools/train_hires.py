@@ -73,10 +73,19 @@ def corpus() -> list[str]:
     return qs * 10 + answers * 10 + ["user", "assistant", "system"] * 20
 
 
-def build_model(seed: int, embed_std: float = 0.02):
+def build_model(seed: int, embed_std: float = 0.02, heads: int | None = None, kv_heads: int | None = None,
+                rope_theta: float = 10000.0):
+    """The decoder of TEXT, optionally with `heads` query heads over `kv_heads` KV heads (head size
+    hidden / heads) and another RoPE base: content retrieval over a ~400-token prompt needs rotary
+    pairs that barely turn over that distance (docs/model.md, run T of the long model)."""
     torch.manual_seed(seed)
-    model, proc = make_tiny("llava_onevision", seed=seed, corpus=corpus(), vocab_size=500, text_overrides=TEXT,
-                            vision_overrides=VISION, image_size=CROP, max_crops=GRID)
+    text = dict(TEXT, **({"num_attention_heads": heads} if heads else {}),
+                **({"num_key_value_heads": kv_heads} if kv_heads else {}))
+    if text["hidden_size"] % text["num_attention_heads"] or text["num_attention_heads"] % text["num_key_value_heads"]:
+        raise ValueError(f"heads must divide hidden size {text['hidden_size']} and be a multiple of the KV heads, "
+                         f"got {text['num_attention_heads']} over {text['num_key_value_heads']}")
+    model, proc = make_tiny("llava_onevision", seed=seed, corpus=corpus(), vocab_size=500, text_overrides=text,
+                            vision_overrides=VISION, image_size=CROP, max_crops=GRID, rope_theta=rope_theta)
     if embed_std != 0.02:
         torch.nn.init.normal_(model.get_input_embeddings().weight, std=embed_std)
     return model, proc
@@ -362,6 +371,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0: none)")
     ap.add_argument("--embed-std", type=float, default=0.02, help="initial std of the text embeddings")
     ap.add_argument("--time-limit", type=float, default=0, help="stop early after this many minutes (0: none)")
+    ap.add_argument("--heads", type=int, default=None,
+                    help=f"decoder query heads (default {TEXT['num_attention_heads']}; 2 gives 64-dim heads)")
+    ap.add_argument("--kv-heads", type=int, default=None, help=f"decoder KV heads (default {TEXT['num_key_value_heads']})")
+    ap.add_argument("--rope-theta", type=float, default=10000.0, help="the decoder's RoPE base")
     ap.add_argument("--vision-steps", type=int, default=0,
                     help="stage 1: steps of the vision tower and projector alone on what each token shows (0: none)")
     ap.add_argument("--freeze-vision", action="store_true",
@@ -376,7 +389,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    model, proc = build_model(args.seed, args.embed_std)
+    model, proc = build_model(args.seed, args.embed_std, args.heads, args.kv_heads, args.rope_theta)
     batcher = HiresBatcher(model, proc)
     check_pixels(batcher, proc)
     model.to(device)

@@ -115,7 +115,8 @@ def make_tiny(family: str, *, shape: str = "tiny", seed: int = 0, corpus=None, v
     change config fields; `corpus` trains the tokenizer (`split_lines`: see make_tokenizer);
     `image_size` is the SigLIP input size of
     LLaVA-OneVision; `max_pixels`/`min_pixels` bound Qwen's frame size; `rope_theta` is the
-    decoder's RoPE base (Qwen's M-RoPE sections included; real Qwen2-VL checkpoints use 1e6);
+    decoder's RoPE base (Qwen's M-RoPE sections included; real Qwen2-VL checkpoints use 1e6; also
+    LLaVA-OneVision's decoder);
     `mrope_section` splits Qwen's rotary frequencies (highest first) over the temporal, height and
     width axes (default: Qwen's 16/24/24 of 64, scaled to the head size).
     `max_crops` bounds LLaVA-OneVision's AnyRes grid: pinpoints of every i x j crops of
@@ -179,6 +180,7 @@ def make_tiny(family: str, *, shape: str = "tiny", seed: int = 0, corpus=None, v
         size = image_size
         cfg = LlavaOnevisionConfig(
             text_config=dict(text, model_type="qwen2", vocab_size=len(tok), max_position_embeddings=32768,
+                             rope_parameters={"rope_type": "default", "rope_theta": float(rope_theta)},
                              bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                              pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False),
             vision_config=dict(dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
