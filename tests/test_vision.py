@@ -571,21 +571,23 @@ def test_positions_sensitivity(tiny_dir, hf_models):
 @pytest.mark.slow
 def test_streaming_memory_does_not_grow_with_video_length(tiny_dir, tmp_path):
     """Decode -> encode -> PVC, chunk by chunk: the resident set after each chunk stops growing.
-    Between N and 4N frames it grows far less than the raw frames it went through (3N frames).
+    Between the second quarter of a 4N-frame video and the last it grows far less than the raw
+    frames it went through (2N frames): a leak of a quarter of the decoded frames would fail.
 
-    The warm-up covers the first N frames: after a shorter one (8 chunks) the resident set still
-    climbs for about 100 frames (pools filling, then flat), and where that climb ended just past
-    the first quarter the check failed on a bounded ramp, not a leak (2 of 5 suite runs)."""
+    The resident set first climbs for 50-100 frames after the warm-up (allocator pools filling,
+    then flat at a level that depends on the machine's load: 40-90 MiB measured), so the first
+    quarter is the ramp and the levels compared are the medians of the second and the last
+    quarters. Compared against the first quarter's maximum, the check failed on that bounded ramp
+    when it ended past the first quarter (3 of 7 suite runs, all on a loaded machine)."""
     from mmkv.bench.longvideo import measure, write_long_video
     n, side, chunk = 96, 320, 8
     video = write_long_video(str(tmp_path / "long.mp4"), 4 * n, size=side)
     r = measure(video, tiny_dir["qwen2_vl"], "pvc", chunk_frames=chunk, threads=1, timeout=600, warmup_frames=n)
     trace = r["chunk_rss_mib"]
     assert len(trace) == 4 * n // chunk and r["frames"] == 4 * n
-    raw_growth = 3 * n * side * side * 3 / 2**20                   # MiB of decoded frames between N and 4N
-    # a leak shows in the last quarter's typical level; one transient spike (an allocator arena
-    # grown while the machine is busy) does not, so the median there, not the maximum
+    raw_growth = 2 * n * side * side * 3 / 2**20                   # MiB of decoded frames between 2N and 4N
+    # medians: one transient spike (an allocator arena grown while the machine is busy) is no leak
     q = n // chunk
-    growth = float(np.median(trace[-q:])) - max(trace[:q])
+    growth = float(np.median(trace[-q:])) - float(np.median(trace[q:2 * q]))
     assert growth < 0.25 * raw_growth, (growth, raw_growth, trace)
     assert r["visual_kept"] < r["visual_in"] / 2
