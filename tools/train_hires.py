@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from train_long import AttentionSupervision  # noqa: E402
+from train_long import AttentionSupervision, optimizer_step, pack_probes, text_shape  # noqa: E402
 from train_tiny import lr_at  # noqa: E402
 
 from mmkv.models.llava_onevision import LlavaOnevisionAdapter  # noqa: E402
@@ -79,11 +79,7 @@ def build_model(seed: int, embed_std: float = 0.02, heads: int | None = None, kv
     hidden / heads) and another RoPE base: content retrieval over a ~400-token prompt needs rotary
     pairs that barely turn over that distance (docs/model.md, run T of the long model)."""
     torch.manual_seed(seed)
-    text = dict(TEXT, **({"num_attention_heads": heads} if heads else {}),
-                **({"num_key_value_heads": kv_heads} if kv_heads else {}))
-    if text["hidden_size"] % text["num_attention_heads"] or text["num_attention_heads"] % text["num_key_value_heads"]:
-        raise ValueError(f"heads must divide hidden size {text['hidden_size']} and be a multiple of the KV heads, "
-                         f"got {text['num_attention_heads']} over {text['num_key_value_heads']}")
+    text = text_shape(TEXT, heads, kv_heads)
     model, proc = make_tiny("llava_onevision", seed=seed, corpus=corpus(), vocab_size=500, text_overrides=text,
                             vision_overrides=VISION, image_size=CROP, max_crops=GRID, rope_theta=rope_theta)
     if embed_std != 0.02:
@@ -213,14 +209,7 @@ class HiresBatcher:
             cols.append(c)
             shps.append(s)
         n = max(map(len, seqs))
-        probes = [self.probe_rows(ex, sp) for ex, sp in zip(examples, spans)]
-        r = max(1, max(len(x[0]) for x in probes))
-        rows = torch.full((len(seqs), r), -1, dtype=torch.long)
-        targets = torch.zeros((len(seqs), r, n), dtype=torch.bool)
-        for i, (rw, tg) in enumerate(probes):
-            rows[i, :len(rw)] = torch.tensor(rw, dtype=torch.long)
-            for j, k in enumerate(tg):
-                targets[i, j, k] = True
+        rows, targets = pack_probes([self.probe_rows(ex, sp) for ex, sp in zip(examples, spans)], n)
         input_ids = torch.full((len(seqs), n), self.pad, dtype=torch.long)
         lab = torch.full((len(seqs), n), -100, dtype=torch.long)
         mask = torch.zeros((len(seqs), n), dtype=torch.long)
@@ -314,11 +303,7 @@ def pretrain_vision(model, batcher: HiresBatcher, heads: AuxHeads, steps: int, s
                                        vision_feature_layer=cfg.vision_feature_layer,
                                        vision_feature_select_strategy=cfg.vision_feature_select_strategy)
         loss, acc = heads.visual_loss(aux)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        optimizer_step(opt, loss, lr_at(step, steps, lr))
         if step % 50 == 0 or step == steps - 1:
             log(f"vision {step:4d} loss {loss.item():.3f} " + " ".join(f"{k} {a:.2f}" for k, a in acc.items()))
     return acc

@@ -137,16 +137,36 @@ def short_example(seed: int, frames: int):
     return LongExample(seed, frames, placed, [], render(frames, needles, rng, SIZE, palette=COLORS))
 
 
+def text_shape(base: dict, heads: int | None, kv_heads: int | None) -> dict:
+    """`base` (a decoder config) with `heads` query heads over `kv_heads` KV heads where given;
+    a count that does not divide the hidden size (or the query heads) is a ValueError."""
+    text = dict(base, **({"num_attention_heads": heads} if heads else {}),
+                **({"num_key_value_heads": kv_heads} if kv_heads else {}))
+    if text["hidden_size"] % text["num_attention_heads"] or text["num_attention_heads"] % text["num_key_value_heads"]:
+        raise ValueError(f"heads must divide hidden size {text['hidden_size']} and be a multiple of the KV heads, "
+                         f"got {text['num_attention_heads']} over {text['num_key_value_heads']}")
+    return text
+
+
+def pack_probes(per: list[tuple[list[int], list[list[int]]]], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence (rows, each row's target positions) as AttentionSupervision's tensors:
+    rows [B, R] (-1 = none) and targets [B, R, n] bool."""
+    r = max(1, max(len(x[0]) for x in per))
+    rows = torch.full((len(per), r), -1, dtype=torch.long)
+    targets = torch.zeros((len(per), r, n), dtype=torch.bool)
+    for i, (rw, tg) in enumerate(per):
+        rows[i, :len(rw)] = torch.tensor(rw, dtype=torch.long)
+        for j, k in enumerate(tg):
+            targets[i, j, k] = True
+    return rows, targets
+
+
 def build_model(seed: int, mrope_section: list[int] | None = None, heads: int | None = None,
                 kv_heads: int | None = None):
     """The decoder of TEXT, optionally with `heads` query heads over `kv_heads` KV heads (Qwen2-VL's
     head size is hidden / heads: 2 heads give 64-dim heads, 32 rotary frequencies instead of 16)."""
     torch.manual_seed(seed)
-    text = dict(TEXT, **({"num_attention_heads": heads} if heads else {}),
-                **({"num_key_value_heads": kv_heads} if kv_heads else {}))
-    if text["hidden_size"] % text["num_attention_heads"] or text["num_attention_heads"] % text["num_key_value_heads"]:
-        raise ValueError(f"heads must divide hidden size {text['hidden_size']} and be a multiple of the KV heads, "
-                         f"got {text['num_attention_heads']} over {text['num_key_value_heads']}")
+    text = text_shape(TEXT, heads, kv_heads)
     return make_tiny("qwen2_vl", seed=seed, corpus=corpus(), vocab_size=600, split_lines=False,
                      text_overrides=text, vision_overrides=VISION, min_pixels=SIZE * SIZE,
                      max_pixels=SIZE * SIZE, rope_theta=ROPE_THETA, mrope_section=mrope_section)
@@ -248,14 +268,7 @@ class LongBatcher(Batcher):
                 rows += [a - 1 + j for j in range(len(per_row))]
                 tgt += per_row
             per.append((rows, tgt))
-        r = max(1, max(len(x[0]) for x in per))
-        rows = torch.full((len(per), r), -1, dtype=torch.long)
-        targets = torch.zeros((len(per), r, n), dtype=torch.bool)
-        for i, (rw, tg) in enumerate(per):
-            rows[i, :len(rw)] = torch.tensor(rw, dtype=torch.long)
-            for j, k in enumerate(tg):
-                targets[i, j, k] = True
-        return rows, targets
+        return pack_probes(per, n)
 
     def __call__(self, examples, questions: list[list[Asked]] | None = None):
         """Model inputs for `examples`, each a conversation of `questions` (default: the example's
@@ -427,6 +440,15 @@ def check_batched_vision(model, batcher) -> None:
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
+def optimizer_step(opt, loss: torch.Tensor, lr: float) -> None:
+    """One plain step at learning rate `lr` (the vision stages; no clipping)."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
 def pretrain_vision(model, batcher, heads, steps: int, seed: int, device, lr: float = 2e-3, videos: int = 8,
                     frames: int = 32, log=print) -> dict:
     """Stage 1: the vision tower (and the colour / shape heads) alone, on the frame pairs of short
@@ -456,11 +478,7 @@ def pretrain_vision(model, batcher, heads, steps: int, seed: int, device, lr: fl
         m = shp > 0
         pc, ps = heads.color(v), heads.shape(v)
         loss = f(pc[m], col[m]) + f(ps[m], shp[m]) + f(pc[~m], col[~m]) + f(ps[~m], shp[~m])
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        optimizer_step(opt, loss, lr_at(step, steps, lr))
         if step % 50 == 0 or step == steps - 1:
             acc = {"color": (pc[m].argmax(-1) == col[m]).float().mean().item(),
                    "shape": (ps[m].argmax(-1) == shp[m]).float().mean().item(),
