@@ -146,3 +146,6 @@ def test_resume_does_not_reuse_records_of_another_checkpoint(tiny_dir, tmp_path)
     with open(os.path.join(d, "mmkv.json"), "w") as f:
         json.dump({"train": {"rope_layout": "transformers"}}, f)
     assert main(args) == 0 and len(open(records).read().splitlines()) == 2      # read another way: again
+    weights = os.path.join(d, "model.safetensors")
+    os.utime(weights, (os.path.getatime(weights), os.path.getmtime(weights) + 100))
+    assert main(args) == 0 and len(open(records).read().splitlines()) == 3      # retrained in place: again

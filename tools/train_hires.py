@@ -248,8 +248,8 @@ class AuxHeads(torch.nn.Module):
         self.shape = torch.nn.Linear(d, len(SHAPES) + 1)
         self.row = torch.nn.Linear(d, GRID)
         self.col = torch.nn.Linear(d, GRID)
+        self.rank = torch.nn.Linear(d, GRID * GRID + 1) if rank else None
         self.rank_w = rank
-        self.rank = torch.nn.Linear(d, GRID * GRID + 1)
         self.register_buffer("crop_row", batcher.crop_row.clone())
         self.register_buffer("crop_col", batcher.crop_col.clone())
         self.visual = None
@@ -275,7 +275,7 @@ class AuxHeads(torch.nn.Module):
         b = h.shape[0]
         out = (self.visual_loss(aux)[0] + f(self.row(h).flatten(0, 1), self.crop_row.repeat(b))
                + f(self.col(h).flatten(0, 1), self.crop_col.repeat(b)))
-        if self.rank_w:
+        if self.rank is not None:
             m = aux["rank"] > 0
             out = out + self.rank_w * f(self.rank(h[m]), aux["rank"][m])
         return out
@@ -445,7 +445,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     if probe:
         model.set_attn_implementation({"text_config": "sdpa"})
-    model.requires_grad_(True)
     model.to("cpu").float().eval()
     model.generation_config.do_sample = False
     model.generation_config.max_new_tokens = 8

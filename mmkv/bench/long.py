@@ -170,8 +170,12 @@ def model_ident(adapter) -> str:
     files (names, sizes, modification times) and, for Qwen, the M-RoPE layout it is read in. A
     model retrained into the same folder, or read in another layout, starts afresh."""
     path = getattr(adapter, "path", None)
-    files = sorted((f, os.path.getsize(os.path.join(path, f)), int(os.path.getmtime(os.path.join(path, f))))
-                   for f in os.listdir(path) if os.path.isfile(os.path.join(path, f))) if path and os.path.isdir(path) else []
+    files = []
+    if path and os.path.isdir(path):
+        for e in sorted(os.scandir(path), key=lambda e: e.name):
+            if e.is_file():
+                st = e.stat()
+                files.append((e.name, st.st_size, int(st.st_mtime)))
     return hashlib.sha1(json.dumps([files, getattr(adapter, "rope_layout", None)]).encode()).hexdigest()[:16]
 
 
