@@ -5,7 +5,8 @@ then routes each layer's attention, for the duration of a `forward_context`:
 
 1. to the active prefill policy (ZipVL's sparse attention), if it handles this call;
 2. to the cache layer itself when it holds compressed parts (`KVLayer.attend`: attention over
-   quantized segments with fused kernels, merged with the full-precision window);
+   quantized segments with fused kernels, merged with the full-precision window), and always
+   (before any prefill policy) when it holds a mass merge's log-weights, which only it adds;
 3. otherwise to the user's base implementation (sdpa, eager or flash_attention_2).
 
 Masks: the matching mask function returns None, so no [L, L] mask is ever materialized; causal
@@ -122,11 +123,13 @@ def mmkv_attention(module, query, key, value, attention_mask, scaling=None, drop
         q_start = layer.seen - query.shape[2]  # sequence index of the first query of this chunk
         for fn in ctx.observers:
             fn(layer_idx, layer, query, key, value, scaling, q_start)
+    layer = ctx.cache.layers[layer_idx] if ctx.cache is not None else None
+    if layer is not None and getattr(layer, "logw", None) is not None:
+        return layer.attend(query, scaling), None     # a mass merge's log-weights: only attend() adds them
     if ctx.policy is not None:
         out = ctx.policy.attend(module, query, key, value, scaling, ctx)
         if out is not None:
             return out, None
-    layer = ctx.cache.layers[layer_idx] if ctx.cache is not None else None
     if layer is not None and getattr(layer, "fused", False) and layer.segments:
         return layer.attend(query, scaling), None
     return dense_attention(module, query, key, value, scaling, ctx.base, dropout, **kwargs)

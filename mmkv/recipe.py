@@ -158,6 +158,17 @@ class Recipe:
             raise RecipeError(f"{self.prefill.name} compresses the KV cache itself; to combine it with KV presses "
                               f"({', '.join(s.name for s in self.kv)}) set kv=none on it, e.g. "
                               f"'{self.prefill.name}:kv=none+{self.kv[0].name}'")
+        # a mass merge's log-weights (mmkv.cache.mass) travel only into KIVI's segments
+        mass = next((i for i, s in enumerate(self.kv) if getattr(s, "merge", None) == "mass"), None)
+        if mass is not None:
+            if self.prefill is not None:
+                raise RecipeError(f"merge='mass' ({self.kv[mass].name}) cannot run with the prefill policy "
+                                  f"{self.prefill.name!r}: a layer holding log-weights is attended by mmkv's "
+                                  "PyTorch path, not by the policy")
+            after = [s.name for s in self.kv[mass + 1:] if s.name != "kivi"]
+            if after:
+                raise RecipeError(f"after merge='mass' ({self.kv[mass].name}) only kivi can compress the cache "
+                                  f"further (its segments carry the log-weights); got {', '.join(after)}")
         # the same stage twice: a second pass of a press re-reads its own output (pvc+pvc reports
         # the first pass's output as "before"; two evictions halve each other's budget), so refuse
         seen: dict[type, Stage] = {}

@@ -32,7 +32,8 @@ COMPOSED = ["lookm+kivi:bits=2,group=8,residual=8", "lookm+vidkv:group=8,residua
             "kivi:bits=2,group=8,residual=8,stats=8",
             "zipvl", "zipvl:kv=evict", "zipvl:kv=none+kivi:bits=2,group=8,residual=8", "zipvl:values=token",
             "pvc:ratio=0.5+kivi:bits=2,group=8,residual=8", "evs:0.5+vidkv:group=8,residual=8",
-            "evs:0.5+lookm+vidkv:group=8,residual=8", "pvc+zipvl"]
+            "evs:0.5+lookm+vidkv:group=8,residual=8", "pvc+zipvl",
+            "observed:0.5,merge=mass+kivi:bits=2,group=8,residual=8", "snapkv:0.5,merge=mass"]
 
 
 def kv_stage_recipes() -> list[str]:

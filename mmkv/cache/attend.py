@@ -19,10 +19,12 @@ def causal_mask(lq: int, lk: int, device) -> torch.Tensor | None:
 
 
 def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
-                      mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      mask: torch.Tensor | None = None, logw: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of q over one part of the keys, with its log-sum-exp.
 
-    q: [B, Hq, Lq, D]; k, v: [B, Hk, Lk, D] with Hq % Hk == 0 (GQA); mask: [Lq, Lk] bool or None.
+    q: [B, Hq, Lq, D]; k, v: [B, Hk, Lk, D] with Hq % Hk == 0 (GQA); mask: [Lq, Lk] bool or None;
+    logw: [Hk, Lk] log-weights added to every query's logits of that key (a mass merge: an entry
+    standing for n merged entries weighs as n), or None.
     Returns out [B, Hq, Lq, D] (fp32, normalized within the part) and lse [B, Hq, Lq] (fp32).
     Rows whose keys are all masked get out = 0 and lse = -inf.
     """
@@ -32,6 +34,8 @@ def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling
     qg = q.float().reshape(b, hk, g * lq, d)                             # [B, Hk, G*Lq, D]
     s = torch.matmul(qg, k.float().transpose(-1, -2)) * scaling         # [B, Hk, G*Lq, Lk]
     s = s.view(b, hk, g, lq, -1)
+    if logw is not None:
+        s = s + logw.to(s.device, torch.float32)[None, :, None, None, :]
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)                                     # [B, Hk, G, Lq]

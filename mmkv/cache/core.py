@@ -6,7 +6,10 @@ Each `KVLayer` stores, for batch size B, KV heads H and head dim D:
 - `keys`, `values`: a full-precision tail [B, H, L, D] where new tokens are appended;
 - `pos`: for every stored entry, its index in the LLM input sequence ([H, n] int32 per part), so
   presses know which token an entry was after any eviction, merge or reordering;
-- `seen`: how many tokens the layer has been given (the logical length).
+- `seen`: how many tokens the layer has been given (the logical length);
+- `logw`: None, or after a mass-preserving merge (`merge="mass"`, evict.py) the log of how many
+  original entries each full-precision entry stands for ([H, n] fp32, 0 for an entry that stands
+  for itself), added to its attention logits; a quantized segment carries its own (`logw`).
 
 Layers may hold different numbers of entries; `get_seq_length()` is the logical length and
 `get_mask_sizes()` the stored one. Attention is order-free over the cache (every cached entry
@@ -41,6 +44,7 @@ class QuantSegment:
     values: QuantTensor
     pos: torch.Tensor  # [H, n] int32 sequence index of each entry
     label: str = "quant"  # precision class shown in stats (e.g. "int2", "int4")
+    logw: torch.Tensor | None = None  # [H, n] fp32 log-weights of a mass merge (core module docstring)
 
     @property
     def num_tokens(self) -> int:
@@ -51,12 +55,19 @@ class QuantSegment:
         return self.keys.nbytes + self.values.nbytes
 
     def cat(self, other: "QuantSegment") -> "QuantSegment":
+        logw = None
+        if self.logw is not None or other.logw is not None:
+            logw = torch.cat([w if w is not None else torch.zeros(s.pos.shape, dtype=torch.float32, device=s.pos.device)
+                              for s, w in ((self, self.logw), (other, other.logw))], 1)
         return QuantSegment(self.keys.cat(other.keys), self.values.cat(other.values),
-                            torch.cat([self.pos, other.pos], 1), self.label)
+                            torch.cat([self.pos, other.pos], 1), self.label, logw)
 
     def fused_attention(self, query: torch.Tensor, scaling: float):
         """(out, lse) over the packed codes (mmkv.kernels.quant_decode): the fused Triton kernel
-        on CUDA, block-wise table-lookup dequantization elsewhere."""
+        on CUDA, block-wise table-lookup dequantization elsewhere. None (the caller dequantizes
+        block by block) when the segment carries log-weights, which the kernel does not add."""
+        if self.logw is not None:
+            return None
         from ..kernels.quant_decode import fused_quant_segment
 
         return fused_quant_segment(self, query, scaling)
@@ -82,6 +93,7 @@ class KVLayer(CacheLayerMixin):
         super().__init__()
         self.segments: list = []
         self.pos: torch.Tensor | None = None
+        self.logw: torch.Tensor | None = None  # [H, n] fp32 log-weights of the residual (module docstring)
         self.seen = 0
         self.fused = False  # attention reads the parts directly instead of a dequantized copy
         self.on_update: Callable[["KVLayer"], None] | None = None  # called before each append
@@ -118,6 +130,8 @@ class KVLayer(CacheLayerMixin):
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         self.pos = torch.cat([self.pos, new_pos.expand(self.pos.shape[0], n)], dim=1)
+        if self.logw is not None:  # new entries stand for themselves
+            self.logw = torch.cat([self.logw, self.logw.new_zeros(self.logw.shape[0], n)], dim=1)
         self.seen += n
         if self.fused or not self.segments:
             return self.keys, self.values
@@ -159,7 +173,7 @@ class KVLayer(CacheLayerMixin):
         the full-precision tail; a tensor shared by several segments counts once."""
         if not self.is_initialized:
             return 0
-        return distinct_nbytes([self.keys, self.values, *data_tensors(self.segments)])
+        return distinct_nbytes([self.keys, self.values, self.logw, *data_tensors(self.segments)])
 
     @property
     def index_nbytes(self) -> int:
@@ -174,7 +188,8 @@ class KVLayer(CacheLayerMixin):
         out: dict[str, int] = {}
         seen: set = set()
         if self.is_initialized:
-            out[f"{str(self.keys.dtype).replace('torch.', '')} window"] = distinct_nbytes([self.keys, self.values], seen)
+            out[f"{str(self.keys.dtype).replace('torch.', '')} window"] = distinct_nbytes([self.keys, self.values, self.logw],
+                                                                                         seen)
         for s in self.segments:
             out[s.label] = out.get(s.label, 0) + distinct_nbytes(data_tensors(s), seen)
         return out
@@ -183,13 +198,22 @@ class KVLayer(CacheLayerMixin):
         """Sequence index of every stored entry, all parts, [H, stored] (segment order, then tail)."""
         return torch.cat([s.pos for s in self.segments] + [self.pos], 1)
 
-    def set_residual(self, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor) -> None:
-        """Replace the full-precision part (used by evicting and merging presses)."""
+    def set_residual(self, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor,
+                     logw: torch.Tensor | None = None) -> None:
+        """Replace the full-precision part (used by evicting and merging presses). `logw`: the new
+        part's log-weights ([H, n]; None: every entry stands for itself). A layer that holds
+        log-weights must be given them: a press that would drop them raises instead."""
         b, h, n, d = keys.shape
         if values.shape[:3] != (b, h, n) or pos.shape != (h, n):
             raise ValueError(f"inconsistent shapes: keys {tuple(keys.shape)}, values {tuple(values.shape)}, "
                              f"pos {tuple(pos.shape)}")
+        if logw is None and self.logw is not None:
+            raise RuntimeError("this layer holds the log-weights of a mass merge (merge='mass'), which this press "
+                               "does not carry over; after a mass merge only kivi may compress the cache further")
+        if logw is not None and logw.shape != (h, n):
+            raise ValueError(f"logw {tuple(logw.shape)} does not match pos {tuple(pos.shape)}")
         self.keys, self.values, self.pos = own(keys), own(values), own(pos.to(torch.int32))
+        self.logw = None if logw is None else own(logw.float())
 
     def select(self, idx: torch.Tensor) -> None:
         """Keep the full-precision entries `idx` ([H, k] per head or [k] shared), in the given order."""
@@ -197,7 +221,8 @@ class KVLayer(CacheLayerMixin):
             idx = idx.unsqueeze(0).expand(self.keys.shape[1], -1)
         g = idx.to(self.keys.device).long()
         gi = g.view(1, *g.shape, 1).expand(self.keys.shape[0], -1, -1, self.keys.shape[-1])
-        self.set_residual(self.keys.gather(2, gi), self.values.gather(2, gi), self.pos.gather(1, g))
+        self.set_residual(self.keys.gather(2, gi), self.values.gather(2, gi), self.pos.gather(1, g),
+                          None if self.logw is None else self.logw.gather(1, g.to(self.logw.device)))
 
     def dequantized(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """All entries as full-precision [B, H, stored, D] tensors (segments first, then the tail).
@@ -217,7 +242,7 @@ class KVLayer(CacheLayerMixin):
         lq = query.shape[2]
         parts = [segment_attention(query, seg, scaling, self.DEQUANT_BLOCK) for seg in self.segments]
         parts.append(partial_attention(query, self.keys, self.values, scaling,
-                                       causal_mask(lq, self.keys.shape[2], query.device)))
+                                       causal_mask(lq, self.keys.shape[2], query.device), self.logw))
         out = merge_partials(parts) if len(parts) > 1 else parts[0][0]
         return out.to(query.dtype).transpose(1, 2).contiguous()
 

@@ -10,6 +10,9 @@ plus an optional merge of the evicted entries into the kept ones:
   lookm.py): each evicted entry joins its most cosine-similar kept key in the same head.
 - merge="anchor": Elastic Cache's (Liu et al., arXiv 2407.18121; see elastic.py): each evicted
   entry is averaged into the kept, unprotected entry nearest to it in the sequence.
+- merge="mass": mmkv's mass-preserving merge (mass.py, after Token Merging's proportional
+  attention): each evicted entry adds its weight to the kept entry of its head with the most
+  similar key, which then weighs log n more in every later softmax; keys and values unchanged.
 
 Shared choices (each press's docstring adds its own):
 - `ratio` is the fraction of the held entries EVICTED, per compression; kept entries keep their
@@ -49,23 +52,29 @@ from .budgets import MODES, head_budgets, layer_budgets, mass_entries, select
 from .elastic import elastic_merge, nearest_anchor
 from .importance import Importance, StateSlice
 from .lookm import lookm_merge
+from .mass import mass_merge
 from .ragged import RaggedSegment
 from .scores import gather_entries, sequence_order
 
-MERGES = ("none", "pivotal", "averaged", "weighted", "anchor")
+MERGES = ("none", "pivotal", "averaged", "weighted", "anchor", "mass")
 
 
-def merge_into_kept(keys, values, pos, keep: torch.Tensor, protect: torch.Tensor, merge: str):
+def merge_into_kept(keys, values, pos, keep: torch.Tensor, protect: torch.Tensor, merge: str,
+                    logw: torch.Tensor | None = None):
     """One head set with the same count per head. keys, values [B, H, n, D]; pos [H, n]; keep,
-    protect [H, n] bool. Returns (keys, values [B, H, k, D], pos [H, k]) in sequence order."""
+    protect [H, n] bool; logw [H, n] the entries' log-weights or None (core.py). Returns (keys,
+    values [B, H, k, D], pos [H, k], logw [H, k] or None) in sequence order."""
     h, n = keep.shape
     order = sequence_order(pos)                                           # [H, n]
     ks = keep.gather(1, order)
     kept = order[ks].view(h, -1)
     evicted = order[~ks].view(h, -1)
     new_pos = pos.gather(1, kept.to(pos.device))
+    if merge == "mass":
+        return gather_entries(keys, kept), gather_entries(values, kept), new_pos, mass_merge(keys, kept, evicted, logw)
+    new_logw = None if logw is None else logw.gather(1, kept.to(logw.device))   # other merges: kept weights as they were
     if merge == "none" or evicted.shape[1] == 0:
-        return gather_entries(keys, kept), gather_entries(values, kept), new_pos
+        return gather_entries(keys, kept), gather_entries(values, kept), new_pos, new_logw
     if merge == "anchor":
         amask = (keep & ~protect).gather(1, order)
         if bool((amask.sum(1) == 0).any()) or bool((amask.sum(1) != amask.sum(1)[0]).any()):
@@ -73,9 +82,9 @@ def merge_into_kept(keys, values, pos, keep: torch.Tensor, protect: torch.Tensor
         anchors = order[amask].view(h, -1)
         anchor = nearest_anchor(pos, anchors, evicted)
         k, v = elastic_merge(keys, values, kept, evicted, anchor)
-        return k, v, new_pos
+        return k, v, new_pos, new_logw
     k, v = lookm_merge(keys, values, kept, evicted, pos, merge)
-    return k, v, new_pos
+    return k, v, new_pos, new_logw
 
 
 def share_across_layers(layers, share: float):
@@ -118,6 +127,9 @@ class EvictionPress(KVPress):
         check(0 <= self.ratio < 1, f"{self.name}: ratio (fraction evicted) must be in [0, 1), got {self.ratio}")
         check(self.budget in MODES, f"{self.name}: budget must be one of {', '.join(MODES)}, got {self.budget!r}")
         check(self.merge in MERGES, f"{self.name}: merge must be one of {', '.join(MERGES)}, got {self.merge!r}")
+        check(self.merge != "mass" or "head" not in self.budget,
+              f"{self.name}: merge='mass' needs the same count in every head (budget uniform or layer), "
+              f"got budget={self.budget!r}")
         check(self.sink >= 0, f"{self.name}: sink must be >= 0, got {self.sink}")
         check(0 < self.tau <= 1, f"{self.name}: tau must be in (0, 1], got {self.tau}")
         check(0 <= self.alpha <= 1, f"{self.name}: alpha must be in [0, 1], got {self.alpha}")
@@ -195,13 +207,15 @@ class EvictionPress(KVPress):
     def _store(self, layer, keep: torch.Tensor, prot: torch.Tensor) -> None:
         counts = keep.sum(1)
         if bool((counts == counts[0]).all()):
-            k, v, p = merge_into_kept(layer.keys, layer.values, layer.pos, keep, prot, self.merge)
-            layer.set_residual(k, v, p)
+            k, v, p, w = merge_into_kept(layer.keys, layer.values, layer.pos, keep, prot, self.merge, layer.logw)
+            layer.set_residual(k, v, p, w)
             return
+        if self.merge == "mass" or layer.logw is not None:
+            raise RuntimeError(f"{self.name}: per-head counts (a ragged layer) cannot carry a mass merge's log-weights")
         ks, vs, ps = [], [], []
         for h in range(keep.shape[0]):
-            k, v, p = merge_into_kept(layer.keys[:, h:h + 1], layer.values[:, h:h + 1], layer.pos[h:h + 1],
-                                      keep[h:h + 1], prot[h:h + 1], self.merge)
+            k, v, p, _ = merge_into_kept(layer.keys[:, h:h + 1], layer.values[:, h:h + 1], layer.pos[h:h + 1],
+                                         keep[h:h + 1], prot[h:h + 1], self.merge)
             ks.append(k[:, 0])
             vs.append(v[:, 0])
             ps.append(p[0])

@@ -78,14 +78,16 @@ class KIVI(KVPress):
         label = f"int{self.bits}"
         last = layer.segments[-1] if layer.segments and layer.segments[-1].label == label else None
         anchor = last.keys.anchor if last is not None else None  # groups added later join its segment
+        logw = None if layer.logw is None else own(layer.logw[:, :n])   # a mass merge's weights travel along
         seg = QuantSegment(quantize(k, self.bits, self.group, "channel", self.stats, anchor),
                            quantize(v, self.bits, self.value_group(v.shape[-1]), "token"),
-                           pos, label=label)
+                           pos, label=label, logw=logw)
         if last is not None:
             layer.segments = layer.segments[:-1] + [last.cat(seg)]
         else:
             layer.segments = layer.segments + [seg]
-        layer.set_residual(layer.keys[:, :, n:], layer.values[:, :, n:], layer.pos[:, n:])
+        layer.set_residual(layer.keys[:, :, n:], layer.values[:, :, n:], layer.pos[:, n:],
+                           None if layer.logw is None else layer.logw[:, n:])
 
     def compress(self, cache, ctx) -> None:
         windows = []

@@ -14,13 +14,18 @@ def segment_attention(query: torch.Tensor, segment, scaling: float, block: int =
     """Attention of `query` [B, Hq, Lq, D] over one compressed segment -> (out, lse).
 
     Uses the segment's fused kernel when it has one for this device, else dequantizes
-    `block` tokens at a time (never the whole segment at once)."""
+    `block` tokens at a time (never the whole segment at once). A segment's log-weights (a mass
+    merge, mmkv.cache.core) are added on the block path; a segment that has them has no kernel."""
     fused = getattr(segment, "fused_attention", None)
     if fused is not None:
         res = fused(query, scaling)
         if res is not None:
             return res
-    parts = [partial_attention(query, k, v, scaling) for k, v in segment.blocks(query.dtype, block)]
+    logw, parts, at = getattr(segment, "logw", None), [], 0
+    for k, v in segment.blocks(query.dtype, block):  # in token order: the log-weights follow by offset
+        n = k.shape[2]
+        parts.append(partial_attention(query, k, v, scaling, None, None if logw is None else logw[:, at:at + n]))
+        at += n
     if len(parts) == 1:
         return parts[0]
     out = merge_partials(parts)
