@@ -29,7 +29,8 @@ def _kv_tensors(cache):
     return out
 
 
-@pytest.mark.parametrize("spec", ["bilevel:1.0,cross=dense,frames=4", "bilevel:1.0,keep=1.0,frames=4"])
+@pytest.mark.parametrize("spec", ["bilevel:1.0,cross=dense,frames=4", "bilevel:1.0,keep=1.0,frames=4",
+                                  "bilevel:1.0,cross=dense,frames=4,keep=0.3,mass=1"])
 def test_every_chunk_dense_equals_uncompressed(family, pipes, spec):
     """All chunks brought back (budget 1) with dense cross-chunk attention, or a sparse level that
     keeps everything: token for token the uncompressed answer, logits equal."""
@@ -191,7 +192,58 @@ def test_composes_with_a_vision_press_and_kivi(pipes):
     assert any(k.startswith("int2") for k in r.stats.kv_bytes_by_class)
 
 
+@pytest.mark.parametrize("spec", ["bilevel:0.2,frames=2,keep=0.2,mass=1",
+                                  "bilevel:0.2,frames=2,keep=0.5,mass=1+kivi:2,group=8,residual=8"])
+def test_mass_sparse_levels_stand_for_their_chunks_until_brought_back(pipes, spec):
+    """mass=1: each chunk's sparse entries carry its whole weight (their exp(logw) sum to the
+    chunk's size in every layer and head); a question resets the weights of the chunks it brings
+    back, in its own copy, and a follow-up re-selects; every chunk brought back with dense
+    cross-chunk attention is the uncompressed answer (tested with the other specs above)."""
+    pipe = pipes["qwen2_vl"].with_recipe(spec)
+    enc = pipe.encode(frames_for("qwen2_vl", n=16, seed=13))
+    st = _enc_state(enc)
+    plan = st.plan
+    for idx in range(len(st.pool)):
+        w = torch.cat([s.logw if s.logw is not None else torch.zeros(s.pos.shape) for s in st.pool[idx]], 1)
+        c = plan.chunk_of(torch.cat([s.pos for s in st.pool[idx]], 1))
+        for ch in range(plan.n):
+            torch.testing.assert_close(torch.where(c == ch, w.exp(), 0.0).sum(1),
+                                       torch.full((w.shape[0],), float(plan.sizes[ch])))
+    conv = pipe.chat(enc)
+    for q in QUESTIONS[:2]:
+        r = conv.ask(q, max_new_tokens=3)
+        chosen = r.stats.extra["bilevel_chosen"]
+        for idx, layer in enumerate(conv._session.cache.layers):
+            sparse = [s for s in layer.segments if s.label.endswith("sparse")]
+            assert len(sparse) == len(st.pool[idx])                           # the pool, re-weighted once
+            for s in sparse:
+                back = torch.isin(plan.chunk_of(s.pos), torch.tensor(chosen[idx], dtype=torch.long))
+                assert float(s.logw[back].abs().sum()) == 0                   # brought back: itself only
+                if back.any() and (~back).any():
+                    assert float(s.logw[~back].max()) > 0                     # left sparse: its chunk's weight
+    again = [[float(s.logw.sum()) for s in layer.segments if s.label.endswith("sparse")] for layer in enc.cache.layers]
+    assert again == [[float(s.logw.sum()) for s in pool] for pool in st.pool]  # the encoding is unchanged
+    assert pipe.ask(enc, QUESTIONS[0], max_new_tokens=3).tokens == pipe.ask(enc, QUESTIONS[0], max_new_tokens=3).tokens
+
+
+def test_share_picks_one_sparse_level_for_every_layer(pipes):
+    """share=1: every layer's scores (here key norms, which differ per layer) are replaced by
+    their mean over the layers, so every layer and head keeps the same entries of each chunk
+    (share=0: they differ)."""
+    video = frames_for("qwen2_vl", n=16, seed=14)
+    sets = {}
+    for share in (0, 1):
+        st = _enc_state(pipes["qwen2_vl"].with_recipe(f"bilevel:0.2,frames=8,keep=0.25,sparse=norm,share={share}").encode(video))
+        sets[share] = [torch.cat([s.pos for s in pool], 1).sort(1).values for pool in st.pool]
+    one = sets[1][0][0]
+    assert all(torch.equal(p, one.expand_as(p)) for p in sets[1])
+    assert not all(torch.equal(p, sets[0][0][0].expand_as(p)) for p in sets[0])
+
+
 @pytest.mark.parametrize("spec, match", [
+    ("bilevel:mass=1+vidkv", "kivi"),
+    ("bilevel:share=1,sparse=uniform", "uniform"),
+    ("bilevel:share=2", "share"),
     ("streaming:recent=8,decode=false+bilevel", "own sparse level"),
     ("zipvl:kv=none+bilevel", "prefill policy"),
     ("bilevel:score=nearest", "score"),

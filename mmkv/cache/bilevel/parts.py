@@ -50,10 +50,12 @@ class DenseSegment:
     values: FullTensor
     pos: torch.Tensor  # [H, n] int32 sequence index of each entry
     label: str = "dense"
+    logw: torch.Tensor | None = None  # [H, n] fp32 log-weights of a mass merge (mmkv.cache.mass), or None
 
     @classmethod
-    def of(cls, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, label: str) -> "DenseSegment":
-        return cls(FullTensor(keys), FullTensor(values), pos.to(torch.int32), label)
+    def of(cls, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, label: str,
+           logw: torch.Tensor | None = None) -> "DenseSegment":
+        return cls(FullTensor(keys), FullTensor(values), pos.to(torch.int32), label, logw)
 
     @property
     def num_tokens(self) -> int:
@@ -64,12 +66,17 @@ class DenseSegment:
         return self.keys.nbytes + self.values.nbytes
 
     def cat(self, other: "DenseSegment") -> "DenseSegment":
+        logw = None
+        if self.logw is not None or other.logw is not None:
+            logw = torch.cat([w.to(self.pos.device) if w is not None else
+                              torch.zeros(s.pos.shape, dtype=torch.float32, device=self.pos.device)
+                              for s, w in ((self, self.logw), (other, other.logw))], 1)
         return DenseSegment(self.keys.cat(other.keys), self.values.cat(other.values),
-                            torch.cat([self.pos, other.pos.to(self.pos.device)], 1), self.label)
+                            torch.cat([self.pos, other.pos.to(self.pos.device)], 1), self.label, logw)
 
     def fused_attention(self, query: torch.Tensor, scaling: float):
-        """(out, lse) of `query` over these entries (every entry precedes the query)."""
-        return partial_attention(query, self.keys.data, self.values.data, scaling)
+        """(out, lse) of `query` over these entries (every entry precedes the query), log-weights added."""
+        return partial_attention(query, self.keys.data, self.values.data, scaling, None, self.logw)
 
     def blocks(self, dtype: torch.dtype, block: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for s in range(0, self.num_tokens, block):
@@ -107,11 +114,13 @@ def storage_bytes(objs) -> int:
     return sum(seen.values())
 
 
-def pack_level(keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, quantizer, label: str) -> list:
+def pack_level(keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, quantizer, label: str,
+               logw: torch.Tensor | None = None) -> list:
     """One level of a chunk, [B, H, n, D] keys and values with sequence indices pos [H, n], as
     segments: the quantizer's own packed format for whole groups (its `flush` on a temporary
     layer, with no full-precision window), the leftover entries as a DenseSegment. Labels get
-    " " + label appended, so a quantizer never merges later groups into a level's segment."""
+    " " + label appended, so a quantizer never merges later groups into a level's segment.
+    `logw` [H, n]: the entries' log-weights (a mass merge), split along with them."""
     from ..core import KVLayer
 
     keys, values, pos = keys.contiguous(), values.contiguous(), pos.to(torch.int32).contiguous()
@@ -122,13 +131,14 @@ def pack_level(keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, quan
         q = dataclasses.replace(quantizer, residual=0) if hasattr(quantizer, "residual") else quantizer
         tmp = KVLayer()
         tmp.lazy_initialization(keys, values)
-        tmp.set_residual(keys, values, pos)
+        tmp.set_residual(keys, values, pos, logw)
         tmp.seen = int(pos.max()) + 1
         q.flush(tmp)
         parts = [map_tensors(dataclasses.replace(s, label=f"{s.label} {label}"), own) for s in tmp.segments]
-        keys, values, pos = tmp.keys, tmp.values, tmp.pos
+        keys, values, pos, logw = tmp.keys, tmp.values, tmp.pos, tmp.logw
     if keys.shape[2]:
-        parts.append(DenseSegment.of(keys.clone(), values.clone(), pos.clone(), f"{_dtype_name(keys)} {label}"))
+        parts.append(DenseSegment.of(keys.clone(), values.clone(), pos.clone(), f"{_dtype_name(keys)} {label}",
+                                     None if logw is None else logw.clone()))
     return parts
 
 

@@ -21,6 +21,11 @@ Ask (per question, per layer, while the question is prefilled):
    sparse level, and the chosen chunks' complements (= those chunks dense). One prefill of the
    question: a layer selects from its own queries, then attends over the mix.
 The encoding is never modified: each question's mix is built in its own copy of the cache.
+With `mass=1` (mmkv's addition, mmkv/cache/mass.py) a sparse level also stands for its chunk's
+complement: each complement entry adds its weight to the most similar sparse entry of its head
+(a log-count on that entry's logit), in the prefill's cross-chunk attention and at every question
+for the chunks it leaves sparse; a chunk brought back dense has its sparse entries' weights
+reset to 0 for that question (a re-weighted copy of the pool's segments, the codes shared).
 
 Positions: original everywhere (keys keep the rotation of their original position; decoding
 continues after the uncompressed prompt).
@@ -52,6 +57,7 @@ Deviations from Video-XL-2 (the paper and its released evaluation code), and why
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -60,11 +66,12 @@ import torch
 
 from ...stages import check, register
 from ..base import KVPress
+from ..mass import mass_merge
 from .offload import Offload
 from .parts import join, pack_level, storage_bytes
 from .plan import ChunkPlan, plan_chunks
 from .relevance import RULES, choose, relevance, summarize
-from .sparse import BUILTIN, KEY, make_scorer
+from .sparse import BUILTIN, KEY, make_scorer, select_top
 
 
 @dataclass
@@ -104,7 +111,9 @@ class BiLevel(KVPress):
     1 = every chunk) or a count (> 1); budget_mib > 0 replaces it by MiB per question (all layers).
     sparse: attn | norm | uniform | a KV stage with entry_scores. score: quest | attn | mean.
     cross: sparse | dense (reference). offload: cpu | disk (dir: where the file goes).
-    ends: always bring back the first and last chunk first. Module docstring: details, deviations.
+    ends: always bring back the first and last chunk first. mass: a chunk left sparse keeps its
+    complement's share of the attention (merge=mass, mmkv/cache/mass.py). share: each layer's
+    scores mixed with their mean over the layers (the eviction presses' share). Module docstring: details.
     """
 
     name: ClassVar[str] = "bilevel"
@@ -122,6 +131,8 @@ class BiLevel(KVPress):
     dir: str = ""
     ends: bool = False
     budget_mib: float = 0.0
+    mass: bool = False
+    share: float = 0.0
 
     def validate(self):
         check(self.frames >= 1, f"bilevel: frames must be >= 1, got {self.frames}")
@@ -133,6 +144,8 @@ class BiLevel(KVPress):
         check(self.score in RULES, f"bilevel: score must be one of {', '.join(RULES)}, got {self.score!r}")
         check(self.cross in ("sparse", "dense"), f"bilevel: cross must be 'sparse' or 'dense', got {self.cross!r}")
         check(self.offload in ("cpu", "disk"), f"bilevel: offload must be 'cpu' or 'disk', got {self.offload!r}")
+        check(0 <= self.share <= 1, f"bilevel: share must be in [0, 1], got {self.share}")
+        check(not (self.share and self.sparse == "uniform"), "bilevel: share mixes scores; sparse=uniform has none")
         if self.sparse not in BUILTIN:
             make_scorer(self.sparse)  # raises RecipeError naming the choices
 
@@ -147,6 +160,9 @@ class BiLevel(KVPress):
         check(recipe.prefill is None, f"bilevel chunks the prefill itself; it cannot run with the prefill policy "
                                       f"{getattr(recipe.prefill, 'name', '')!r}")
         check(not deferred, "bilevel needs the video prefilled before the question; a query-aware stage defers it")
+        quant = [s.name for s in recipe.kv if getattr(s, "quantizes", False)]
+        check(not self.mass or quant in ([], ["kivi"]), f"bilevel:mass=1 carries its log-weights into kivi's segments "
+                                                      f"only, not {', '.join(quant)}'s")
 
     def begin(self, ctx, visual, adapter, recipe=None) -> None:
         """Plan the chunks of the prefix about to be prefilled (called by the pipeline)."""
@@ -199,32 +215,65 @@ class BiLevel(KVPress):
         if last and enc.sealed >= enc.plan.n:
             self._finish(cache, ctx, enc)
 
-    def _seal(self, cache, ctx, enc: Encoding, chunks: range) -> None:
-        plan = enc.plan
+    def _chunk_rows(self, layer, idx: int, plan, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = layer.pos[0]                                                    # the tail is in sequence order
+        s, e = int(plan.starts[c]), int(plan.ends[c])
+        inside = (pos >= s) & (pos < e)
+        rows = inside.nonzero().squeeze(1)
+        if rows.numel() != e - s:
+            raise RuntimeError(f"bilevel: layer {idx} holds {rows.numel()} of chunk {c}'s {e - s} entries "
+                               "in full precision; another press changed the cache during the prefill")
+        return inside, rows
+
+    def _shared_scores(self, cache, ctx, enc: Encoding, chunks: range) -> dict[int, torch.Tensor]:
+        """Per chunk, the mean over layers (and KV heads) of each entry's score, every layer's
+        scores first scaled to mean 1: what `share` mixes in (evict.share_across_layers' rule)."""
+        out: dict[int, torch.Tensor] = {}
+        n_layers = 0
         for idx, layer in enumerate(cache.layers):
             if not layer.is_initialized:
                 continue
-            pos = layer.pos[0]                                                # the tail is in sequence order
-            drop = torch.zeros_like(pos, dtype=torch.bool)
+            n_layers += 1
+            for c in chunks:
+                _, rows = self._chunk_rows(layer, idx, enc.plan, c)
+                sc = enc.scorer.entry_scores(idx, layer.keys.index_select(2, rows), layer.values.index_select(2, rows),
+                                             layer.pos.index_select(1, rows), ctx).float()
+                t = (sc / sc.mean().clamp_min(1e-30)).mean(0).cpu()
+                out[c] = t if c not in out else out[c] + t
+        return {c: t / max(n_layers, 1) for c, t in out.items()}
+
+    def _select(self, idx, K, V, P, k: int, ctx, enc: Encoding, shared: torch.Tensor | None) -> torch.Tensor:
+        if shared is None:
+            return enc.scorer.select(idx, K, V, P, k, ctx)
+        sc = enc.scorer.entry_scores(idx, K, V, P, ctx).float()
+        sc = (1 - self.share) * sc / sc.mean().clamp_min(1e-30) + self.share * shared.to(sc.device)
+        return select_top(sc, k)
+
+    def _seal(self, cache, ctx, enc: Encoding, chunks: range) -> None:
+        plan = enc.plan
+        shared = self._shared_scores(cache, ctx, enc, chunks) if self.share > 0 else {}
+        for idx, layer in enumerate(cache.layers):
+            if not layer.is_initialized:
+                continue
+            drop = torch.zeros_like(layer.pos[0], dtype=torch.bool)
             new_sparse = []
             for c in chunks:
                 s, e = int(plan.starts[c]), int(plan.ends[c])
-                inside = (pos >= s) & (pos < e)
-                rows = inside.nonzero().squeeze(1)
-                if rows.numel() != e - s:
-                    raise RuntimeError(f"bilevel: layer {idx} holds {rows.numel()} of chunk {c}'s {e - s} entries "
-                                       "in full precision; another press changed the cache during the prefill")
+                inside, rows = self._chunk_rows(layer, idx, plan, c)
                 drop |= inside
                 K = layer.keys.index_select(2, rows)                         # [B, H, n, D]
                 V = layer.values.index_select(2, rows)
                 P = layer.pos.index_select(1, rows)                          # [H, n]
                 n, k = e - s, enc.keep[c]
                 h = P.shape[0]
-                sel = enc.scorer.select(idx, K, V, P, k, ctx) if k < n else \
+                sel = self._select(idx, K, V, P, k, ctx, enc, shared.get(c)) if k < n else \
                     torch.arange(n, device=P.device).expand(h, n)
                 rest = torch.ones(h, n, dtype=torch.bool, device=P.device).scatter_(1, sel, False)
                 comp = rest.nonzero()[:, 1].view(h, n - k)                   # [H, n - k] ascending
-                new_sparse += pack_level(_take(K, sel), _take(V, sel), P.gather(1, sel), enc.quantizer, "sparse")
+                # mass: the sparse entries stand for the complement too (a log-count each), until
+                # a question brings the chunk back dense (prepare zeroes them then)
+                w = mass_merge(K, sel, comp) if self.mass and k < n else None
+                new_sparse += pack_level(_take(K, sel), _take(V, sel), P.gather(1, sel), enc.quantizer, "sparse", w)
                 dense = pack_level(_take(K, comp), _take(V, comp), P.gather(1, comp), enc.quantizer, "dense")
                 enc.dense_bytes[idx][c] = sum(p.nbytes for p in dense)
                 enc.dense[idx][c] = [enc.offload.put(p) for p in dense]
@@ -279,9 +328,13 @@ class BiLevel(KVPress):
         mix = join(fetched)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        old = ctx.state.get((KEY, "mix", idx), [])
-        layer.segments = [s for s in layer.segments if not any(s is o for o in old)] + mix
-        ctx.state[(KEY, "mix", idx)] = mix
+        old = ctx.state.get((KEY, "mix", idx), [])      # what the previous question put in
+        new = mix
+        if self.mass:  # the chosen chunks are dense again: their sparse entries stand for themselves
+            old = old + enc.pool[idx]
+            new = [_unweigh(s, enc.plan, chosen) for s in enc.pool[idx]] + mix
+        layer.segments = [s for s in layer.segments if not any(s is o for o in old)] + new
+        ctx.state[(KEY, "mix", idx)] = new
         st = ctx.stats
         st["bilevel_reload_s"] += time.perf_counter() - t0
         st["bilevel_reloaded_bytes"] += sum(enc.dense_bytes[idx][c] for c in chosen)
@@ -304,6 +357,18 @@ class BiLevel(KVPress):
         pos = torch.cat([p.pos for p in enc.pool[idx]], 1)
         return relevance("attn", query, scaling, enc.plan.n, keys=keys.to(query.device),
                          chunk=enc.plan.chunk_of(pos))
+
+
+def _unweigh(seg, plan, chosen: list[int]):
+    """`seg` with the log-weights of the entries of the `chosen` chunks set to 0 (a new segment
+    sharing the codes; `seg` itself, the encoding's, is unchanged)."""
+    w = getattr(seg, "logw", None)
+    if w is None or not chosen:
+        return seg
+    back = torch.zeros(plan.n, dtype=torch.bool, device=w.device)
+    back[torch.tensor(chosen, dtype=torch.long, device=w.device)] = True
+    c = plan.chunk_of(seg.pos.to(w.device))
+    return dataclasses.replace(seg, logw=w.masked_fill((c >= 0) & back[c.clamp_min(0)], 0.0))
 
 
 def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
