@@ -91,6 +91,7 @@ def test_evicting_exact_duplicates_with_mass_leaves_attention_unchanged_through_
     assert layer.nbytes == seg.keys.nbytes + seg.values.nbytes + seg.logw.nbytes + layer.keys.nbytes \
         + layer.values.nbytes + layer.logw.nbytes
     assert storage_nbytes([layer]) == layer.nbytes + layer.index_nbytes
+    assert seg.nbytes == seg.keys.nbytes + seg.values.nbytes + seg.logw.nbytes
 
 
 def test_a_press_that_would_drop_the_weights_raises():

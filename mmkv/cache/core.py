@@ -52,7 +52,7 @@ class QuantSegment:
 
     @property
     def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes
+        return self.keys.nbytes + self.values.nbytes + (0 if self.logw is None else self.logw.nbytes)
 
     def cat(self, other: "QuantSegment") -> "QuantSegment":
         logw = None

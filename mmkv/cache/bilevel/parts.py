@@ -63,7 +63,7 @@ class DenseSegment:
 
     @property
     def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes
+        return self.keys.nbytes + self.values.nbytes + (0 if self.logw is None else self.logw.nbytes)
 
     def cat(self, other: "DenseSegment") -> "DenseSegment":
         logw = None
