@@ -19,7 +19,8 @@ def causal_mask(lq: int, lk: int, device) -> torch.Tensor | None:
 
 
 def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
-                      mask: torch.Tensor | None = None, logw: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      mask: torch.Tensor | None = None,
+                      logw: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of q over one part of the keys, with its log-sum-exp.
 
     q: [B, Hq, Lq, D]; k, v: [B, Hk, Lk, D] with Hq % Hk == 0 (GQA); mask: [Lq, Lk] bool or None;

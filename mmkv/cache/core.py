@@ -36,6 +36,15 @@ from .quant import NonFiniteError, QuantTensor
 from .storage import data_tensors, distinct_nbytes, own, storage_nbytes
 
 
+def cat_logw(a, b) -> torch.Tensor | None:
+    """The log-weights of segment `a` followed by segment `b`'s ([H, n_a + n_b]; a segment without
+    them stands for itself, zeros), or None when neither has any."""
+    if a.logw is None and b.logw is None:
+        return None
+    return torch.cat([s.logw.to(a.pos.device) if s.logw is not None else
+                      torch.zeros(s.pos.shape, dtype=torch.float32, device=a.pos.device) for s in (a, b)], 1)
+
+
 @dataclass
 class QuantSegment:
     """A compressed part of a layer: quantized keys and values of the same tokens."""
@@ -55,12 +64,8 @@ class QuantSegment:
         return self.keys.nbytes + self.values.nbytes + (0 if self.logw is None else self.logw.nbytes)
 
     def cat(self, other: "QuantSegment") -> "QuantSegment":
-        logw = None
-        if self.logw is not None or other.logw is not None:
-            logw = torch.cat([w if w is not None else torch.zeros(s.pos.shape, dtype=torch.float32, device=s.pos.device)
-                              for s, w in ((self, self.logw), (other, other.logw))], 1)
         return QuantSegment(self.keys.cat(other.keys), self.values.cat(other.values),
-                            torch.cat([self.pos, other.pos], 1), self.label, logw)
+                            torch.cat([self.pos, other.pos], 1), self.label, cat_logw(self, other))
 
     def fused_attention(self, query: torch.Tensor, scaling: float):
         """(out, lse) over the packed codes (mmkv.kernels.quant_decode): the fused Triton kernel
@@ -188,8 +193,8 @@ class KVLayer(CacheLayerMixin):
         out: dict[str, int] = {}
         seen: set = set()
         if self.is_initialized:
-            out[f"{str(self.keys.dtype).replace('torch.', '')} window"] = distinct_nbytes([self.keys, self.values, self.logw],
-                                                                                         seen)
+            window = [self.keys, self.values, self.logw]
+            out[f"{str(self.keys.dtype).replace('torch.', '')} window"] = distinct_nbytes(window, seen)
         for s in self.segments:
             out[s.label] = out.get(s.label, 0) + distinct_nbytes(data_tensors(s), seen)
         return out

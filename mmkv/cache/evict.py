@@ -72,7 +72,8 @@ def merge_into_kept(keys, values, pos, keep: torch.Tensor, protect: torch.Tensor
     new_pos = pos.gather(1, kept.to(pos.device))
     if merge == "mass":
         return gather_entries(keys, kept), gather_entries(values, kept), new_pos, mass_merge(keys, kept, evicted, logw)
-    new_logw = None if logw is None else logw.gather(1, kept.to(logw.device))   # other merges: kept weights as they were
+    # the other merges: the kept entries keep the weights they had
+    new_logw = None if logw is None else logw.gather(1, kept.to(logw.device))
     if merge == "none" or evicted.shape[1] == 0:
         return gather_entries(keys, kept), gather_entries(values, kept), new_pos, new_logw
     if merge == "anchor":

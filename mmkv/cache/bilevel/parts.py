@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..attend import partial_attention
+from ..core import KVLayer, cat_logw
 
 
 @dataclass
@@ -66,13 +67,8 @@ class DenseSegment:
         return self.keys.nbytes + self.values.nbytes + (0 if self.logw is None else self.logw.nbytes)
 
     def cat(self, other: "DenseSegment") -> "DenseSegment":
-        logw = None
-        if self.logw is not None or other.logw is not None:
-            logw = torch.cat([w.to(self.pos.device) if w is not None else
-                              torch.zeros(s.pos.shape, dtype=torch.float32, device=self.pos.device)
-                              for s, w in ((self, self.logw), (other, other.logw))], 1)
         return DenseSegment(self.keys.cat(other.keys), self.values.cat(other.values),
-                            torch.cat([self.pos, other.pos.to(self.pos.device)], 1), self.label, logw)
+                            torch.cat([self.pos, other.pos.to(self.pos.device)], 1), self.label, cat_logw(self, other))
 
     def fused_attention(self, query: torch.Tensor, scaling: float):
         """(out, lse) of `query` over these entries (every entry precedes the query), log-weights added."""
@@ -121,8 +117,6 @@ def pack_level(keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, quan
     layer, with no full-precision window), the leftover entries as a DenseSegment. Labels get
     " " + label appended, so a quantizer never merges later groups into a level's segment.
     `logw` [H, n]: the entries' log-weights (a mass merge), split along with them."""
-    from ..core import KVLayer
-
     keys, values, pos = keys.contiguous(), values.contiguous(), pos.to(torch.int32).contiguous()
     if keys.shape[2] == 0:
         return []

@@ -227,29 +227,20 @@ class BiLevel(KVPress):
                                "in full precision; another press changed the cache during the prefill")
         return inside, rows
 
-    def _shared_scores(self, cache, ctx, enc: Encoding, chunks: range) -> dict[int, torch.Tensor]:
-        """Per chunk, the mean over layers (and KV heads) of each entry's score, every layer's
-        scores first scaled to mean 1: what `share` mixes in (evict.share_across_layers' rule)."""
-        out: dict[int, torch.Tensor] = {}
-        n_layers = 0
+    def _shared_scores(self, cache, ctx, enc: Encoding, chunks: range) -> dict:
+        """Each (layer, chunk)'s entry scores scaled to mean 1, mixed with their mean over the layers
+        (and KV heads) as `share` says (evict.share_across_layers' rule): {(idx, c): [H, n]}."""
+        per: dict = {}
         for idx, layer in enumerate(cache.layers):
             if not layer.is_initialized:
                 continue
-            n_layers += 1
             for c in chunks:
                 _, rows = self._chunk_rows(layer, idx, enc.plan, c)
                 sc = enc.scorer.entry_scores(idx, layer.keys.index_select(2, rows), layer.values.index_select(2, rows),
                                              layer.pos.index_select(1, rows), ctx).float()
-                t = (sc / sc.mean().clamp_min(1e-30)).mean(0).cpu()
-                out[c] = t if c not in out else out[c] + t
-        return {c: t / max(n_layers, 1) for c, t in out.items()}
-
-    def _select(self, idx, K, V, P, k: int, ctx, enc: Encoding, shared: torch.Tensor | None) -> torch.Tensor:
-        if shared is None:
-            return enc.scorer.select(idx, K, V, P, k, ctx)
-        sc = enc.scorer.entry_scores(idx, K, V, P, ctx).float()
-        sc = (1 - self.share) * sc / sc.mean().clamp_min(1e-30) + self.share * shared.to(sc.device)
-        return select_top(sc, k)
+                per[(idx, c)] = sc / sc.mean().clamp_min(1e-30)
+        mean = {c: torch.stack([s.mean(0).cpu() for (_, cc), s in per.items() if cc == c]).mean(0) for c in chunks}
+        return {(idx, c): (1 - self.share) * s + self.share * mean[c].to(s.device) for (idx, c), s in per.items()}
 
     def _seal(self, cache, ctx, enc: Encoding, chunks: range) -> None:
         plan = enc.plan
@@ -268,8 +259,10 @@ class BiLevel(KVPress):
                 P = layer.pos.index_select(1, rows)                          # [H, n]
                 n, k = e - s, enc.keep[c]
                 h = P.shape[0]
-                sel = self._select(idx, K, V, P, k, ctx, enc, shared.get(c)) if k < n else \
-                    torch.arange(n, device=P.device).expand(h, n)
+                if k >= n:
+                    sel = torch.arange(n, device=P.device).expand(h, n)
+                else:
+                    sel = select_top(shared[(idx, c)], k) if shared else enc.scorer.select(idx, K, V, P, k, ctx)
                 rest = torch.ones(h, n, dtype=torch.bool, device=P.device).scatter_(1, sel, False)
                 comp = rest.nonzero()[:, 1].view(h, n - k)                   # [H, n - k] ascending
                 # mass: the sparse entries stand for the complement too (a log-count each), until
