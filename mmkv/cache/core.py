@@ -74,7 +74,15 @@ class QuantSegment:
         if self.logw is not None:
             return None
         from ..kernels.quant_decode import fused_quant_segment
+        from .rotate import RotatedQuant, rotate, unrotate
 
+        if isinstance(self.keys, RotatedQuant) or isinstance(self.values, RotatedQuant):
+            if not (isinstance(self.keys, RotatedQuant) and isinstance(self.values, RotatedQuant)):
+                return None  # one side rotated: the block path dequantizes each in its own basis
+            # the codes hold k R and v R: q.k = (q R).(k R), and the output comes back as (P V R) R^T
+            inner = QuantSegment(self.keys.inner, self.values.inner, self.pos, self.label)
+            out, lse = fused_quant_segment(inner, rotate(query).to(query.dtype), scaling)
+            return unrotate(out).to(out.dtype), lse
         return fused_quant_segment(self, query, scaling)
 
     def blocks(self, dtype: torch.dtype, block: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -15,11 +15,18 @@ the entries quantized (`kivi_quantized_entries`, layer 0) and, when nothing coul
 why (`kivi_note`).
 
 Defaults (the paper's, except residual_fraction): bits=2, group=32, residual=128,
-residual_fraction=0.125, stats=16. Storage per element: `bits` for
+residual_fraction=0.125, stats=16, rotate=0, value_bits=0. Storage per element: `bits` for
 the code plus an fp16 scale and zero per group (32 / group bits): 3 bits at the defaults.
 `stats=8` (1- and 2-bit only) stores the keys' per-channel scales and zeros in a byte each
 (`quant.py`'s 8-bit statistics, as VidKV's default): keys 2.5 bits, 2.75 bits per element overall
 at bits=2; the values' per-token statistics stay fp16.
+`value_bits` (0 = `bits`, not in the paper): the values' code width apart from the keys', to
+tell which side a width costs; the label is then "k{bits}v{value_bits}".
+`rotate=1` (not in the paper): keys and values are quantized in a fixed rotated basis, QuaRot's
+randomized Hadamard (arXiv 2404.00456; `rotate.py`): the codes hold k R and v R, the same bytes
+as without it; attention is unchanged up to the codes' error (q R against the key codes, the
+output rotated back by R^T), and the error is spread evenly over the channels instead of falling
+on the outlier channels that the queries weigh most.
 Deviations from the official code: the official code flushes the whole key window when it reaches
 `residual` tokens and streams values one token at a time; here both flush whole groups once the
 window exceeds `residual`, so at least `residual` recent tokens are always exact. When head_dim is
@@ -35,6 +42,7 @@ from ..stages import check, register
 from .base import KVPress
 from .core import QuantSegment
 from .quant import quantize
+from .rotate import RotatedQuant, rotate
 from .storage import own
 
 
@@ -52,6 +60,8 @@ class KIVI(KVPress):
     residual: int = 128
     residual_fraction: float = 0.125
     stats: int = 16
+    rotate: int = 0
+    value_bits: int = 0
 
     def validate(self):
         check(self.bits in (1, 2, 4, 8), f"kivi: bits must be 1, 2, 4 or 8, got {self.bits}")
@@ -60,6 +70,8 @@ class KIVI(KVPress):
         check(self.group >= 1, f"kivi: group must be >= 1, got {self.group}")
         check(self.residual >= 0, f"kivi: residual must be >= 0, got {self.residual}")
         check(0 <= self.residual_fraction <= 1, f"kivi: residual_fraction must be in [0, 1], got {self.residual_fraction}")
+        check(self.value_bits in (0, 1, 2, 4, 8), f"kivi: value_bits must be 0 (= bits), 1, 2, 4 or 8, got {self.value_bits}")
+        check(self.rotate in (0, 1), f"kivi: rotate must be 0 (off) or 1 (a fixed rotated basis), got {self.rotate}")
 
     def value_group(self, head_dim: int) -> int:
         g = min(self.group, head_dim)
@@ -75,13 +87,18 @@ class KIVI(KVPress):
         # slices of the window: the codes are new tensors, the positions are copied (a kept view
         # would keep the whole window alive); set_residual copies the new window likewise
         k, v, pos = layer.keys[:, :, :n], layer.values[:, :, :n], own(layer.pos[:, :n])
-        label = f"int{self.bits}"
+        vbits = self.value_bits or self.bits
+        label = f"int{self.bits}" if vbits == self.bits else f"k{self.bits}v{vbits}"
         last = layer.segments[-1] if layer.segments and layer.segments[-1].label == label else None
         anchor = last.keys.anchor if last is not None else None  # groups added later join its segment
         logw = None if layer.logw is None else own(layer.logw[:, :n])   # a mass merge's weights travel along
-        seg = QuantSegment(quantize(k, self.bits, self.group, "channel", self.stats, anchor),
-                           quantize(v, self.bits, self.value_group(v.shape[-1]), "token"),
-                           pos, label=label, logw=logw)
+        if self.rotate:   # QuaRot's rotated basis (rotate.py): the codes hold k R and v R
+            kq = RotatedQuant(quantize(rotate(k), self.bits, self.group, "channel", self.stats, anchor))
+            vq = RotatedQuant(quantize(rotate(v), vbits, self.value_group(v.shape[-1]), "token"))
+        else:
+            kq = quantize(k, self.bits, self.group, "channel", self.stats, anchor)
+            vq = quantize(v, vbits, self.value_group(v.shape[-1]), "token")
+        seg = QuantSegment(kq, vq, pos, label=label, logw=logw)
         if last is not None:
             layer.segments = layer.segments[:-1] + [last.cat(seg)]
         else:
