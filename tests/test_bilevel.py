@@ -30,10 +30,12 @@ def _kv_tensors(cache):
 
 
 @pytest.mark.parametrize("spec", ["bilevel:1.0,cross=dense,frames=4", "bilevel:1.0,keep=1.0,frames=4",
-                                  "bilevel:1.0,cross=dense,frames=4,keep=0.3,mass=1"])
+                                  "bilevel:1.0,cross=dense,frames=4,keep=0.3,mass=1",
+                                  "bilevel:1.0,frames=4,keep=0.3,window=16"])
 def test_every_chunk_dense_equals_uncompressed(family, pipes, spec):
-    """All chunks brought back (budget 1) with dense cross-chunk attention, or a sparse level that
-    keeps everything: token for token the uncompressed answer, logits equal."""
+    """All chunks brought back (budget 1) with dense cross-chunk attention (cross=dense, or a dense
+    window longer than the video), or a sparse level that keeps everything: token for token the
+    uncompressed answer, logits equal."""
     base = pipes[family]
     video = frames_for(family, n=12, seed=5)
     ref = base.generate(video, Q, max_new_tokens=10, output_scores=True)
@@ -226,6 +228,32 @@ def test_mass_sparse_levels_stand_for_their_chunks_until_brought_back(pipes, spe
     assert pipe.ask(enc, QUESTIONS[0], max_new_tokens=3).tokens == pipe.ask(enc, QUESTIONS[0], max_new_tokens=3).tokens
 
 
+@pytest.mark.parametrize("window", [0, 1, 2])
+def test_window_keeps_the_last_chunks_dense_for_the_next(pipes, monkeypatch, window):
+    """window=W: chunk c is sealed (its complement offloaded) only once chunk c + W is prefilled,
+    so the W chunks before each chunk are attended densely; the rest at the end of the prefill."""
+    from mmkv.cache.bilevel.stage import BiLevel
+
+    sealed_at, orig = [], BiLevel._seal
+
+    def spy(self, cache, ctx, enc, chunks):
+        sealed_at.append((list(chunks), cache.layers[0].seen))
+        return orig(self, cache, ctx, enc, chunks)
+
+    monkeypatch.setattr(BiLevel, "_seal", spy)
+    enc = pipes["qwen2_vl"].with_recipe(f"bilevel:0.2,frames=4,keep=0.3,window={window}").encode(
+        frames_for("qwen2_vl", n=16, seed=3))
+    plan = _enc_state(enc).plan
+    assert plan.n >= 4
+    ends = plan.ends.tolist()
+    when = {c: seen for chunks, seen in sealed_at for c in chunks}
+    assert sorted(when) == list(range(plan.n))
+    for c in range(plan.n - window):   # sealed right after chunk c + window ended
+        assert when[c] == ends[c + window], (c, when, ends)
+    for c in range(plan.n - window, plan.n):
+        assert when[c] >= ends[-1]
+
+
 def test_share_picks_one_sparse_level_for_every_layer(pipes):
     """share=1: every layer's scores (here key norms, which differ per layer) are replaced by
     their mean over the layers, so every layer and head keeps the same entries of each chunk
@@ -251,6 +279,8 @@ def test_share_picks_one_sparse_level_for_every_layer(pipes):
     ("bilevel:keep=0", "keep"),
     ("bilevel:keep=1.5", "count"),
     ("bilevel:cross=window", "cross"),
+    ("bilevel:window=-1", "window"),
+    ("bilevel:window=2,cross=dense", "window"),
     ("bilevel:offload=gpu", "offload"),
 ])
 def test_bad_recipes_are_clear(tiny_dir, spec, match):

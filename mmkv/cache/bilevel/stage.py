@@ -8,6 +8,10 @@ Encode (query-agnostic, once per video):
    earlier chunk through that chunk's sparse level only (`cross="sparse"`): per chunk the
    attention reads ~keep x (tokens before it) + chunk entries instead of all of them.
    `cross="dense"` prefills exactly as the plain model (the reference), then splits the levels.
+   `window=W` (Video-XL-2's local window: its prefill sees the previous chunks densely) keeps
+   the last W chunks dense for the chunk being prefilled: chunk c is sealed once chunk c + W is
+   prefilled, so the prefill still grows linearly (W chunks more per chunk) and the device holds
+   W chunks more during the prefill only.
 2. Two levels per chunk, sealed right after its prefill, per layer: the sparse level, the top
    `keep` entries per KV head by a query-agnostic score (`sparse`, see sparse.py), stays on the
    device; the rest of the chunk (its complement: the dense level minus the sparse entries) is
@@ -36,7 +40,7 @@ budget=0.05 (the device holds the text, 5% of the video's entries as sparse leve
 score="quest" (both measured best of their alternatives, docs/bilevel.md), share=1 (one
 ranking of each chunk for all layers: on the long benchmark at 2,048 frames 66.3% against 57.3%
 with each layer ranking by its own scores, whose layer 0 drops most object tokens; the same on
-the quick needle set within one answer), mass=False (no gain measured), cross="sparse", offload="cpu".
+the quick needle set within one answer), mass=False (no gain measured), cross="sparse", window=0, offload="cpu".
 
 Deviations from Video-XL-2 (the paper and its released evaluation code), and why:
 - Training-free on the supported models, so no chunk window or global timestamp tokens: a chunk
@@ -115,7 +119,8 @@ class BiLevel(KVPress):
     cross: sparse | dense (reference). offload: cpu | disk (dir: where the file goes).
     ends: always bring back the first and last chunk first. mass: a chunk left sparse keeps its
     complement's share of the attention (merge=mass, mmkv/cache/mass.py). share: each layer's
-    scores mixed with their mean over the layers (the eviction presses' share). Module docstring: details.
+    scores mixed with their mean over the layers (the eviction presses' share). window: chunks
+    before each chunk that its prefill attends densely (cross=sparse). Module docstring: details.
     """
 
     name: ClassVar[str] = "bilevel"
@@ -135,6 +140,7 @@ class BiLevel(KVPress):
     budget_mib: float = 0.0
     mass: bool = False
     share: float = 1.0
+    window: int = 0
 
     def validate(self):
         check(self.frames >= 1, f"bilevel: frames must be >= 1, got {self.frames}")
@@ -146,6 +152,8 @@ class BiLevel(KVPress):
         check(self.score in RULES, f"bilevel: score must be one of {', '.join(RULES)}, got {self.score!r}")
         check(self.cross in ("sparse", "dense"), f"bilevel: cross must be 'sparse' or 'dense', got {self.cross!r}")
         check(self.offload in ("cpu", "disk"), f"bilevel: offload must be 'cpu' or 'disk', got {self.offload!r}")
+        check(self.window >= 0, f"bilevel: window must be >= 0 (chunks seen densely), got {self.window}")
+        check(self.window == 0 or self.cross == "sparse", "bilevel: window is for cross=sparse (dense sees every chunk)")
         check(0 <= self.share <= 1, f"bilevel: share must be in [0, 1], got {self.share}")
         check(not (self.share and self.sparse == "uniform"), "bilevel: share mixes scores; sparse=uniform has none")
         if self.sparse not in BUILTIN:
@@ -209,6 +217,8 @@ class BiLevel(KVPress):
             upto = enc.sealed
             while upto < enc.plan.n and ends[upto] <= end:
                 upto += 1
+            if not last:  # the last `window` complete chunks stay dense for the chunks after them
+                upto = max(enc.sealed, upto - self.window)
         else:
             upto = enc.plan.n if last else enc.sealed
         if upto > enc.sealed:
