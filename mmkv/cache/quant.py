@@ -342,28 +342,13 @@ def _quantize_stats8(x: torch.Tensor, bits: int, group: int, anchor: torch.Tenso
     return QuantTensor(pack(q, bits), code.to(torch.uint8), zc.to(torch.int8), bits, group, "channel", d, anchor)
 
 
-@dataclass
-class ChannelScaledQuant:
-    """ZipCache's "channel-separable token-wise" quantization (He et al., arXiv 2405.14256), used by
-    ZipVL's mixed-precision values: x is divided by a per-channel scale c = sqrt(max_t |x|) (over
-    the tokens quantized together, one per head and channel), then quantized per token with min-max
-    over the head dim; x ~= dequant(inner) * c. The channel scale tames outlier channels that
-    per-token statistics alone would spread over every code.
-
-    Same interface as QuantTensor (num_tokens, nbytes, dequantize, select); it has no packed-code
-    attributes of its own, so fused kernels that read a QuantTensor's fields never mistake it
-    for one."""
-
-    inner: QuantTensor          # token-wise codes of x / c
-    channel_scale: torch.Tensor  # fp16 [B, H, 1, D]
+class WrappedCodes:
+    """Shared by the formats that wrap a QuantTensor (`inner`) and transform what it decodes to
+    (ChannelScaledQuant, rotate.RotatedQuant): the shape and code width are the inner tensor's."""
 
     @property
     def bits(self) -> int:
         return self.inner.bits
-
-    @property
-    def axis(self) -> str:
-        return "token"
 
     @property
     def group(self) -> int:
@@ -380,6 +365,26 @@ class ChannelScaledQuant:
     @property
     def num_tokens(self) -> int:
         return self.inner.num_tokens
+
+
+@dataclass
+class ChannelScaledQuant(WrappedCodes):
+    """ZipCache's "channel-separable token-wise" quantization (He et al., arXiv 2405.14256), used by
+    ZipVL's mixed-precision values: x is divided by a per-channel scale c = sqrt(max_t |x|) (over
+    the tokens quantized together, one per head and channel), then quantized per token with min-max
+    over the head dim; x ~= dequant(inner) * c. The channel scale tames outlier channels that
+    per-token statistics alone would spread over every code.
+
+    Same interface as QuantTensor (num_tokens, nbytes, dequantize, select); it has no packed-code
+    attributes of its own, so fused kernels that read a QuantTensor's fields never mistake it
+    for one."""
+
+    inner: QuantTensor          # token-wise codes of x / c
+    channel_scale: torch.Tensor  # fp16 [B, H, 1, D]
+
+    @property
+    def axis(self) -> str:
+        return "token"
 
     @property
     def nbytes(self) -> int:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .quant import QuantTensor
+from .quant import QuantTensor, WrappedCodes
 
 _ROTATIONS: dict = {}
 
@@ -59,7 +59,7 @@ def unrotate(x: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class RotatedQuant:
+class RotatedQuant(WrappedCodes):
     """A quantized tensor whose codes hold x R (R = `rotation(D)`); same interface as QuantTensor
     (num_tokens, nbytes, dequantize, cat, select). `dequantize` returns x itself (codes' values
     times R^T). It has no packed-code attributes of its own, so a fused kernel that reads a
@@ -69,20 +69,8 @@ class RotatedQuant:
     inner: QuantTensor  # the codes of x R
 
     @property
-    def bits(self) -> int:
-        return self.inner.bits
-
-    @property
-    def group(self) -> int:
-        return self.inner.group
-
-    @property
     def axis(self) -> str:
         return self.inner.axis
-
-    @property
-    def head_dim(self) -> int:
-        return self.inner.head_dim
 
     @property
     def stats(self) -> int:
@@ -91,14 +79,6 @@ class RotatedQuant:
     @property
     def anchor(self) -> torch.Tensor | None:
         return self.inner.anchor
-
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        return self.inner.shape
-
-    @property
-    def num_tokens(self) -> int:
-        return self.inner.num_tokens
 
     @property
     def nbytes(self) -> int:
