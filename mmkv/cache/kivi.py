@@ -15,7 +15,7 @@ the entries quantized (`kivi_quantized_entries`, layer 0) and, when nothing coul
 why (`kivi_note`).
 
 Defaults (the paper's, except residual_fraction): bits=2, group=32, residual=128,
-residual_fraction=0.125, stats=16, rotate=0, value_bits=0. Storage per element: `bits` for
+residual_fraction=0.125, stats=16, rotate=0, value_bits=0, salient=0. Storage per element: `bits` for
 the code plus an fp16 scale and zero per group (32 / group bits): 3 bits at the defaults.
 `stats=8` (1- and 2-bit only) stores the keys' per-channel scales and zeros in a byte each
 (`quant.py`'s 8-bit statistics, as VidKV's default): keys 2.5 bits, 2.75 bits per element overall
@@ -27,6 +27,13 @@ randomized Hadamard (arXiv 2404.00456; `rotate.py`): the codes hold k R and v R,
 as without it; attention is unchanged up to the codes' error (q R against the key codes, the
 output rotated back by R^T), and the error is spread evenly over the channels instead of falling
 on the outlier channels that the queries weigh most.
+`salient=F` (not in the paper; ZipCache's rule, He et al., arXiv 2405.14256; `salient.py`): at
+compression, the fraction F of each head's entries that would be quantized (those older than the
+window) that the prompt's own rows attend to most (H2O's attention received, normalized by the
+rows that see each key, from ZipVL's probe rows gathered in `observe`) stay in the model's dtype,
+in a segment of their own (label "exact"); the rest are quantized as above. Query-agnostic, so it
+runs at encode. Entries that decoding flushes later are all quantized (no ranking exists for them).
+Storage: F of the entries at 16 (or 32) bits, e.g. 3.65 bits per element at bits=2, F=0.05, fp16.
 Deviations from the official code: the official code flushes the whole key window when it reaches
 `residual` tokens and streams values one token at a time; here both flush whole groups once the
 window exceeds `residual`, so at least `residual` recent tokens are always exact. When head_dim is
@@ -42,8 +49,12 @@ from ..stages import check, register
 from .base import KVPress
 from .core import QuantSegment
 from .quant import quantize
+from .importance import ObservedImportance, StateSlice
 from .rotate import RotatedQuant, rotate
+from .salient import ExactTensor, salient_count, split_salient
 from .storage import own
+
+SALIENT_PROBES = 16   # probe rows per prefill chunk (ZipVL's) that rank the salient entries
 
 
 @register
@@ -62,6 +73,7 @@ class KIVI(KVPress):
     stats: int = 16
     rotate: int = 0
     value_bits: int = 0
+    salient: float = 0.0
 
     def validate(self):
         check(self.bits in (1, 2, 4, 8), f"kivi: bits must be 1, 2, 4 or 8, got {self.bits}")
@@ -72,6 +84,35 @@ class KIVI(KVPress):
         check(0 <= self.residual_fraction <= 1, f"kivi: residual_fraction must be in [0, 1], got {self.residual_fraction}")
         check(self.value_bits in (0, 1, 2, 4, 8), f"kivi: value_bits must be 0 (= bits), 1, 2, 4 or 8, got {self.value_bits}")
         check(self.rotate in (0, 1), f"kivi: rotate must be 0 (off) or 1 (a fixed rotated basis), got {self.rotate}")
+        check(0 <= self.salient < 1, f"kivi: salient (the fraction of the quantized entries kept exact) must be in "
+                                     f"[0, 1), got {self.salient}")
+
+    def observe(self, idx, layer, query, key, value, scaling, q_start, ctx):
+        """With salient > 0: the attention each entry receives from the prefill's probe rows."""
+        if self.salient <= 0:
+            return
+        st = StateSlice(ctx.state, self.name)
+        if st.get("done"):
+            return  # compressed already: later rows change nothing
+        _scorer().observe(st, idx, layer, query, key, value, scaling, q_start, ctx)
+
+    def keep_salient(self, layer, idx: int, window: int, ctx) -> int:
+        """Move the salient entries among those older than the window into an exact segment;
+        returns how many per head."""
+        cand = layer.residual_len - window
+        s = salient_count(self.salient, cand)
+        if s <= 0:
+            return 0
+        st = StateSlice(ctx.state, self.name)
+        if not _scorer().ready(st, idx):
+            raise RuntimeError(f"kivi: salient={self.salient} needs the attention gathered during the prefill "
+                               f"(observe); none was gathered for layer {idx}")
+        scores, _ = _scorer().scores(st, idx, layer, ctx)
+        (k, v, p, w), (rk, rv, rp, rw) = split_salient(layer.keys, layer.values, layer.pos, layer.logw,
+                                                       scores[:, :cand], s)
+        layer.segments = layer.segments + [QuantSegment(ExactTensor(k), ExactTensor(v), p, label="exact", logw=w)]
+        layer.set_residual(rk, rv, rp, rw)
+        return s
 
     def value_group(self, head_dim: int) -> int:
         g = min(self.group, head_dim)
@@ -107,15 +148,25 @@ class KIVI(KVPress):
                            None if layer.logw is None else layer.logw[:, n:])
 
     def compress(self, cache, ctx) -> None:
-        windows = []
-        for layer in cache.layers:
+        windows, exact = [], []
+        for idx, layer in enumerate(cache.layers):
             w = recent_window(self.residual, self.residual_fraction, layer.residual_len)
+            if self.salient > 0 and ctx is not None and layer.residual_len:
+                exact.append(self.keep_salient(layer, idx, w, ctx))
             with layer.quantizing():
                 self.flush(layer, w)
             layer.on_update = functools.partial(self.flush, window=w)
             windows.append(w)
         if ctx is not None and cache.layers:
             record_window(ctx.stats, self.name, cache, windows, self.group)
+            if self.salient > 0:
+                StateSlice(ctx.state, self.name)["done"] = True
+                ctx.stats[f"{self.name}_exact_entries"] = exact[0] if exact else 0
+
+
+@functools.lru_cache(maxsize=1)
+def _scorer() -> ObservedImportance:
+    return ObservedImportance(probes=SALIENT_PROBES)
 
 
 def recent_window(residual: int, fraction: float, n: int) -> int:
