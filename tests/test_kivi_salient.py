@@ -14,7 +14,7 @@ from conftest import frames_for
 from mmkv.cache import KIVI, CompressedCache
 from mmkv.cache.attend import partial_attention
 from mmkv.cache.base import VISUAL, PressContext
-from mmkv.cache.salient import ExactTensor
+from mmkv.cache.dense import DenseSegment
 from mmkv.cache.storage import storage_nbytes
 from mmkv.errors import RecipeError
 from mmkv.recipe import Recipe
@@ -72,7 +72,7 @@ def test_each_head_keeps_the_top_scored_entries_exact(frac, t, group, residual):
     cache, ctx, k, v, q = compressed(2 + t, frac, t=t, group=group, residual=residual, residual_fraction=1)
     layer = cache.layers[0]
     exact = layer.segments[0]
-    assert exact.label == "exact" and isinstance(exact.keys, ExactTensor)
+    assert exact.label == "exact" and isinstance(exact, DenseSegment)
     cand = t - residual
     s = round(frac * cand)
     assert exact.num_tokens == s == ctx.stats["kivi_exact_entries"]
@@ -97,7 +97,6 @@ def test_attention_equals_plain_attention_over_the_dequantized_entries():
     ref, _ = partial_attention(qn, kd, vd, 32 ** -0.5)
     out = layer.attend(qn, 32 ** -0.5)                                  # [B, Lq, Hq, D]
     torch.testing.assert_close(out.transpose(1, 2), ref, atol=1e-5, rtol=1e-5)
-    assert layer.segments[0].fused_attention(qn, 32 ** -0.5) is None    # the block path reads exact entries
 
 
 def test_bytes_are_the_stored_tensors():

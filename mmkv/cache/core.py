@@ -70,11 +70,8 @@ class QuantSegment:
     def fused_attention(self, query: torch.Tensor, scaling: float):
         """(out, lse) over the packed codes (mmkv.kernels.quant_decode): the fused Triton kernel
         on CUDA, block-wise table-lookup dequantization elsewhere. None (the caller dequantizes
-        block by block) when the segment carries log-weights, which the kernel does not add, or
-        holds exact entries (salient.py: plain attention over them is the block path)."""
-        from .salient import ExactTensor
-
-        if self.logw is not None or isinstance(self.keys, ExactTensor):
+        block by block) when the segment carries log-weights, which the kernel does not add."""
+        if self.logw is not None:
             return None
         from ..kernels.quant_decode import fused_quant_segment
         from .rotate import RotatedQuant, rotate, unrotate

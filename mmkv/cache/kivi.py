@@ -51,7 +51,8 @@ from .core import QuantSegment
 from .quant import quantize
 from .importance import ObservedImportance, StateSlice
 from .rotate import RotatedQuant, rotate
-from .salient import ExactTensor, salient_count, split_salient
+from .dense import DenseSegment
+from .salient import salient_count, split_salient
 from .storage import own
 
 SALIENT_PROBES = 16   # probe rows per prefill chunk (ZipVL's) that rank the salient entries
@@ -110,7 +111,7 @@ class KIVI(KVPress):
         scores, _ = _scorer().scores(st, idx, layer, ctx)
         (k, v, p, w), (rk, rv, rp, rw) = split_salient(layer.keys, layer.values, layer.pos, layer.logw,
                                                        scores[:, :cand], s)
-        layer.segments = layer.segments + [QuantSegment(ExactTensor(k), ExactTensor(v), p, label="exact", logw=w)]
+        layer.segments = layer.segments + [DenseSegment.of(k, v, p, "exact", w)]
         layer.set_residual(rk, rv, rp, rw)
         return s
 

@@ -15,62 +15,15 @@ relative attention-output error of a sharp layer from 0.065-0.13 to 0.003 (an or
 the question's own attention: 0.0024), where 4-bit keys everywhere give 0.006 (keys' error alone,
 the question's real queries against a whole 1,024-frame prefix).
 
-`ExactTensor` is the storage: a [B, H, T, D] tensor kept as it is, with the interface of the
-packed formats (num_tokens, nbytes, dequantize, cat, select), so the exact part is a
-`QuantSegment` like any other (label "exact", counted in the bytes at its real size).
+The exact entries are a `dense.DenseSegment` of the layer (label "exact", counted in the bytes
+at their real size), read by plain attention.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
 from .quant import _take
 from .storage import own
-
-
-@dataclass
-class ExactTensor:
-    """A [B, H, T, D] tensor stored as it is (the model's dtype); the packed formats' interface."""
-
-    data: torch.Tensor
-
-    axis: ClassVar[str] = "token"
-    anchor: ClassVar[None] = None
-
-    @property
-    def bits(self) -> int:
-        return self.data.element_size() * 8
-
-    @property
-    def head_dim(self) -> int:
-        return self.data.shape[-1]
-
-    @property
-    def group(self) -> int:
-        return self.head_dim
-
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        return tuple(self.data.shape)
-
-    @property
-    def num_tokens(self) -> int:
-        return self.data.shape[2]
-
-    @property
-    def nbytes(self) -> int:
-        return self.data.nbytes
-
-    def dequantize(self, dtype: torch.dtype = torch.float32, start: int = 0, end: int | None = None) -> torch.Tensor:
-        return self.data[:, :, start:end].to(dtype)
-
-    def cat(self, other: "ExactTensor") -> "ExactTensor":
-        return ExactTensor(torch.cat([self.data, other.data.to(self.data.dtype)], 2))
-
-    def select(self, idx: torch.Tensor) -> "ExactTensor":
-        return ExactTensor(_take(self.data, idx))
 
 
 def salient_count(fraction: float, candidates: int) -> int:

@@ -9,74 +9,12 @@ Every segment keeps the sequence index of each entry (`pos`), so attention stays
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
-from ..attend import partial_attention
-from ..core import KVLayer, cat_logw
-
-
-@dataclass
-class FullTensor:
-    """A full-precision [B, H, n, D] tensor behind the `dequantize` interface of packed tensors."""
-
-    data: torch.Tensor
-
-    @property
-    def num_tokens(self) -> int:
-        return self.data.shape[2]
-
-    @property
-    def nbytes(self) -> int:
-        return self.data.nbytes
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.data.shape)
-
-    def dequantize(self, dtype: torch.dtype = torch.float32, start: int = 0, end: int | None = None) -> torch.Tensor:
-        return self.data[:, :, start:end].to(dtype)
-
-    def cat(self, other: "FullTensor") -> "FullTensor":
-        return FullTensor(torch.cat([self.data, other.data.to(self.data.device, self.data.dtype)], 2))
-
-
-@dataclass
-class DenseSegment:
-    """Full-precision entries of a layer kept as a segment (not in the layer's append tail)."""
-
-    keys: FullTensor
-    values: FullTensor
-    pos: torch.Tensor  # [H, n] int32 sequence index of each entry
-    label: str = "dense"
-    logw: torch.Tensor | None = None  # [H, n] fp32 log-weights of a mass merge (mmkv.cache.mass), or None
-
-    @classmethod
-    def of(cls, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, label: str,
-           logw: torch.Tensor | None = None) -> "DenseSegment":
-        return cls(FullTensor(keys), FullTensor(values), pos.to(torch.int32), label, logw)
-
-    @property
-    def num_tokens(self) -> int:
-        return self.keys.num_tokens
-
-    @property
-    def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes + (0 if self.logw is None else self.logw.nbytes)
-
-    def cat(self, other: "DenseSegment") -> "DenseSegment":
-        return DenseSegment(self.keys.cat(other.keys), self.values.cat(other.values),
-                            torch.cat([self.pos, other.pos.to(self.pos.device)], 1), self.label, cat_logw(self, other))
-
-    def fused_attention(self, query: torch.Tensor, scaling: float):
-        """(out, lse) of `query` over these entries (every entry precedes the query), log-weights added."""
-        return partial_attention(query, self.keys.data, self.values.data, scaling, None, self.logw)
-
-    def blocks(self, dtype: torch.dtype, block: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for s in range(0, self.num_tokens, block):
-            yield self.keys.dequantize(dtype, s, s + block), self.values.dequantize(dtype, s, s + block)
+from ..core import KVLayer
+from ..dense import DenseSegment
 
 
 def map_tensors(obj, fn: Callable, leaf: type | tuple = ()):
