@@ -162,3 +162,9 @@ def test_bad_values_and_a_missing_observation_are_refused():
     cache, ctx, *_ = prefilled(11)
     with pytest.raises(RuntimeError, match="observe"):
         KIVI(salient=0.1, group=16, residual=16, residual_fraction=1).compress(cache, ctx)
+
+
+def test_refused_after_bilevel_where_it_would_do_nothing(tiny_dir):
+    with pytest.raises(RecipeError, match="salient"):
+        mmkv.load(tiny_dir["qwen2_vl"], recipe="bilevel+kivi:2,salient=0.05", compress_at="encode").encode(
+            frames_for("qwen2_vl", n=8, seed=1))

@@ -171,6 +171,9 @@ class BiLevel(KVPress):
                                       f"{getattr(recipe.prefill, 'name', '')!r}")
         check(not deferred, "bilevel needs the video prefilled before the question; a query-aware stage defers it")
         quant = [s.name for s in recipe.kv if getattr(s, "quantizes", False)]
+        check(not any(getattr(s, "salient", 0) for s in recipe.kv if s is not self),
+              "bilevel packs each level with the quantizer's codes alone; kivi:salient (exact salient entries) "
+              "is not applied inside it, so leave salient=0 after bilevel")
         check(not self.mass or quant in ([], ["kivi"]), f"bilevel:mass=1 carries its log-weights into kivi's segments "
                                                       f"only, not {', '.join(quant)}'s")
 
