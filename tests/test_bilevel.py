@@ -26,6 +26,7 @@ def _kv_tensors(cache):
     out = []
     for layer in cache.layers:
         out += [layer.keys, layer.values] + [t for s in layer.segments for t in (s.keys, s.values)]
+        out += [w for w in [layer.logw] + [s.logw for s in layer.segments] if w is not None]  # mass=1's weights
     return out
 
 
@@ -280,7 +281,7 @@ def test_share_picks_one_sparse_level_for_every_layer(pipes):
     ("bilevel:keep=1.5", "count"),
     ("bilevel:cross=window", "cross"),
     ("bilevel:window=-1", "window"),
-    ("bilevel:window=2,cross=dense", "window"),
+    ("bilevel+vidkv", "mass=0"),                      # the default mass=1 needs kivi's segments
     ("bilevel:offload=gpu", "offload"),
 ])
 def test_bad_recipes_are_clear(tiny_dir, spec, match):
