@@ -151,3 +151,26 @@ def test_resume_does_not_reuse_records_of_another_checkpoint(tiny_dir, tmp_path)
     weights = os.path.join(d, "model.safetensors")
     os.utime(weights, (os.path.getatime(weights), os.path.getmtime(weights) + 100))
     assert main(args) == 0 and len(open(records).read().splitlines()) == 3      # retrained in place: again
+
+
+def test_dtype_is_the_models_and_records_resume_per_dtype(tiny_dir, tmp_path):
+    """--dtype loads the model in that dtype: the uncompressed cache is then bf16 (half the bytes of
+    the float32 run's) and the ratios are against it; a float32 run's records are not reused."""
+    from mmkv.cli import main
+
+    out = tmp_path / "r.json"
+    records = str(out) + ".records.jsonl"
+    base = ["bench", "quality", "--task", "long", "--model", tiny_dir["qwen2_vl"], "--frames", "96", "--n", "1",
+            "--protocol", "encode", "--recipes", "none;kivi:2", "--data-dir", str(tmp_path / "data"),
+            "--json", str(out), "--no-progress"]
+    assert main(base) == 0
+    f32 = [json.loads(x) for x in open(records).read().splitlines()]
+    assert main(base + ["--dtype", "bfloat16"]) == 0
+    lines = [json.loads(x) for x in open(records).read().splitlines()]
+    assert len(lines) == 4                                               # measured again, not resumed
+    bf = [r for r in lines if r["dtype"] == "bfloat16"]
+    assert [r["dtype"] for r in f32] == ["float32"] * 2 and len(bf) == 2
+    q32, q16 = f32[0]["questions"][0], bf[0]["questions"][0]
+    assert q16["kv_bytes_uncompressed"] * 2 == q32["kv_bytes_uncompressed"]
+    res = json.load(open(out))
+    assert res[1]["kv_bytes_ratio"] > 0 and res[1]["bits_per_element"] <= 16 + 1e-6

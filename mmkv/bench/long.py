@@ -180,22 +180,25 @@ def model_ident(adapter) -> str:
 
 
 def run(model: str, recipes: list[tuple[str, str]], videos: list[list[dict]], data_dir: str, protocol: str,
-        frames: int, records: str, progress: bool = True, limit_s: float = 0) -> list[dict]:
+        frames: int, records: str, progress: bool = True, limit_s: float = 0, dtype: str = "auto") -> list[dict]:
     """Every recipe on every video (videos outer, so a cut-short run covers every recipe), resuming
-    from `records` (JSON lines). Returns the summaries, the uncompressed row first if present."""
+    from `records` (JSON lines) of the same model, checkpoint and dtype (`dtype`: as mmkv.load's;
+    a record without one is from a float32 run). Returns the summaries, the uncompressed row first
+    if present."""
     import mmkv
     from ..io import load_media
 
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    base = mmkv.load(model, compress_at="encode" if protocol == "encode" else "ask")
+    base = mmkv.load(model, compress_at="encode" if protocol == "encode" else "ask", dtype=dtype)
     ident = model_ident(base.adapter)
+    dt = str(base.adapter.dtype).replace("torch.", "")
     done: dict[tuple[str, str], dict] = {}
     if os.path.exists(records):
         for line in open(records):
             r = json.loads(line)
             if r["protocol"] == protocol and r["frames"] == frames and r["model"] == model \
-                    and r.get("model_ident") == ident:
+                    and r.get("model_ident") == ident and r.get("dtype", "float32") == dt:
                 done[(r["recipe"], r["videoID"])] = r
     pipes = {spec: base.with_recipe(spec) for spec, _ in recipes}
     skipped = {spec: skip_reason(p, protocol) for spec, p in pipes.items()}
@@ -212,7 +215,7 @@ def run(model: str, recipes: list[tuple[str, str]], videos: list[list[dict]], da
             visual: dict = {}
             for spec in todo:
                 rec = run_video(pipes[spec], rows, frames_arr, protocol, visual)
-                rec.update(recipe=spec, protocol=protocol, frames=frames, model=model, model_ident=ident)
+                rec.update(recipe=spec, protocol=protocol, frames=frames, model=model, model_ident=ident, dtype=dt)
                 done[(spec, rec["videoID"])] = rec
                 log.write(json.dumps(rec) + "\n")
                 log.flush()

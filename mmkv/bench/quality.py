@@ -282,6 +282,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compress-at", default=None, choices=["encode", "ask"], help=argparse.SUPPRESS)
     p.add_argument("--time-limit", type=float, default=0, help="long task: stop after this many minutes "
                    "(resume later with the same command)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="long task: the model's dtype (auto: the checkpoint's on GPU, float32 on CPU); the bytes "
+                        "are against that dtype's own uncompressed cache, and records resume per dtype")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="show per-recipe progress (--no-progress for logs)")
 
@@ -335,10 +338,11 @@ def _main_long(args, protocol: str) -> int:
     videos = long.dataset(data_dir, n, frames, args.seed)
     records = (args.json + ".records.jsonl") if args.json else os.path.join(data_dir, f"records_{protocol}.jsonl")
     print(f"model {model}; {len(videos)} held-out videos of {frames} frames, {3 * len(videos)} questions "
-          f"(seed {args.seed}); protocol {protocol}; data {data_dir}; records {records}")
+          f"(seed {args.seed}); protocol {protocol}; dtype {getattr(args, 'dtype', 'auto')}; data {data_dir}; "
+          f"records {records}")
     t0 = time.perf_counter()
     results = long.run(model, recipes, videos, data_dir, protocol, frames, records, progress=args.progress,
-                       limit_s=60 * args.time_limit)
+                       limit_s=60 * args.time_limit, dtype=getattr(args, "dtype", "auto"))
     print(long.table(results))
     print(f"wall time {time.perf_counter() - t0:.0f} s (this invocation)")
     if args.json:
