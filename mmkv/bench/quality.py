@@ -338,11 +338,11 @@ def _main_long(args, protocol: str) -> int:
     videos = long.dataset(data_dir, n, frames, args.seed)
     records = (args.json + ".records.jsonl") if args.json else os.path.join(data_dir, f"records_{protocol}.jsonl")
     print(f"model {model}; {len(videos)} held-out videos of {frames} frames, {3 * len(videos)} questions "
-          f"(seed {args.seed}); protocol {protocol}; dtype {getattr(args, 'dtype', 'auto')}; data {data_dir}; "
+          f"(seed {args.seed}); protocol {protocol}; dtype {args.dtype}; data {data_dir}; "
           f"records {records}")
     t0 = time.perf_counter()
     results = long.run(model, recipes, videos, data_dir, protocol, frames, records, progress=args.progress,
-                       limit_s=60 * args.time_limit, dtype=getattr(args, "dtype", "auto"))
+                       limit_s=60 * args.time_limit, dtype=args.dtype)
     print(long.table(results))
     print(f"wall time {time.perf_counter() - t0:.0f} s (this invocation)")
     if args.json:

@@ -45,15 +45,9 @@ def cat_logw(a, b) -> torch.Tensor | None:
                       torch.zeros(s.pos.shape, dtype=torch.float32, device=a.pos.device) for s in (a, b)], 1)
 
 
-@dataclass
-class QuantSegment:
-    """A compressed part of a layer: quantized keys and values of the same tokens."""
-
-    keys: QuantTensor
-    values: QuantTensor
-    pos: torch.Tensor  # [H, n] int32 sequence index of each entry
-    label: str = "quant"  # precision class shown in stats (e.g. "int2", "int4")
-    logw: torch.Tensor | None = None  # [H, n] fp32 log-weights of a mass merge (core module docstring)
+class SegmentParts:
+    """Shared by the segments that hold keys, values, pos, label and logw as fields, in that order
+    (QuantSegment, dense.DenseSegment): their size, bytes and concatenation."""
 
     @property
     def num_tokens(self) -> int:
@@ -63,9 +57,21 @@ class QuantSegment:
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes + (0 if self.logw is None else self.logw.nbytes)
 
-    def cat(self, other: "QuantSegment") -> "QuantSegment":
-        return QuantSegment(self.keys.cat(other.keys), self.values.cat(other.values),
-                            torch.cat([self.pos, other.pos], 1), self.label, cat_logw(self, other))
+    def cat(self, other):
+        """A new segment of the same type: self's entries, then other's."""
+        return type(self)(self.keys.cat(other.keys), self.values.cat(other.values),
+                          torch.cat([self.pos, other.pos.to(self.pos.device)], 1), self.label, cat_logw(self, other))
+
+
+@dataclass
+class QuantSegment(SegmentParts):
+    """A compressed part of a layer: quantized keys and values of the same tokens."""
+
+    keys: QuantTensor
+    values: QuantTensor
+    pos: torch.Tensor  # [H, n] int32 sequence index of each entry
+    label: str = "quant"  # precision class shown in stats (e.g. "int2", "int4")
+    logw: torch.Tensor | None = None  # [H, n] fp32 log-weights of a mass merge (core module docstring)
 
     def fused_attention(self, query: torch.Tensor, scaling: float):
         """(out, lse) over the packed codes (mmkv.kernels.quant_decode): the fused Triton kernel

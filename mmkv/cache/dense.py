@@ -9,7 +9,7 @@ from typing import Iterator
 import torch
 
 from .attend import partial_attention
-from .core import cat_logw
+from .core import SegmentParts
 
 
 @dataclass
@@ -38,7 +38,7 @@ class FullTensor:
 
 
 @dataclass
-class DenseSegment:
+class DenseSegment(SegmentParts):
     """Full-precision entries of a layer kept as a segment (not in the layer's append tail)."""
 
     keys: FullTensor
@@ -51,18 +51,6 @@ class DenseSegment:
     def of(cls, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, label: str,
            logw: torch.Tensor | None = None) -> "DenseSegment":
         return cls(FullTensor(keys), FullTensor(values), pos.to(torch.int32), label, logw)
-
-    @property
-    def num_tokens(self) -> int:
-        return self.keys.num_tokens
-
-    @property
-    def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes + (0 if self.logw is None else self.logw.nbytes)
-
-    def cat(self, other: "DenseSegment") -> "DenseSegment":
-        return DenseSegment(self.keys.cat(other.keys), self.values.cat(other.values),
-                            torch.cat([self.pos, other.pos.to(self.pos.device)], 1), self.label, cat_logw(self, other))
 
     def fused_attention(self, query: torch.Tensor, scaling: float):
         """(out, lse) of `query` over these entries (every entry precedes the query), log-weights added."""

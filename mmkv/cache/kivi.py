@@ -48,14 +48,15 @@ from typing import ClassVar
 from ..stages import check, register
 from .base import KVPress
 from .core import QuantSegment
-from .quant import quantize
-from .importance import ObservedImportance, StateSlice
-from .rotate import RotatedQuant, rotate
 from .dense import DenseSegment
+from .importance import ObservedImportance, StateSlice
+from .quant import quantize
+from .rotate import RotatedQuant, rotate
 from .salient import salient_count, split_salient
 from .storage import own
 
-SALIENT_PROBES = 16   # probe rows per prefill chunk (ZipVL's) that rank the salient entries
+# ranks the salient entries: ZipVL's probe rows (the last 16 of each prefill chunk and 16 drawn)
+SALIENT_SCORER = ObservedImportance(probes=16)
 
 
 @register
@@ -95,7 +96,7 @@ class KIVI(KVPress):
         st = StateSlice(ctx.state, self.name)
         if st.get("done"):
             return  # compressed already: later rows change nothing
-        _scorer().observe(st, idx, layer, query, key, value, scaling, q_start, ctx)
+        SALIENT_SCORER.observe(st, idx, layer, query, key, value, scaling, q_start, ctx)
 
     def keep_salient(self, layer, idx: int, window: int, ctx) -> int:
         """Move the salient entries among those older than the window into an exact segment;
@@ -105,10 +106,10 @@ class KIVI(KVPress):
         if s <= 0:
             return 0
         st = StateSlice(ctx.state, self.name)
-        if not _scorer().ready(st, idx):
+        if not SALIENT_SCORER.ready(st, idx):
             raise RuntimeError(f"kivi: salient={self.salient} needs the attention gathered during the prefill "
                                f"(observe); none was gathered for layer {idx}")
-        scores, _ = _scorer().scores(st, idx, layer, ctx)
+        scores, _ = SALIENT_SCORER.scores(st, idx, layer, ctx)
         (k, v, p, w), (rk, rv, rp, rw) = split_salient(layer.keys, layer.values, layer.pos, layer.logw,
                                                        scores[:, :cand], s)
         layer.segments = layer.segments + [DenseSegment.of(k, v, p, "exact", w)]
@@ -163,11 +164,6 @@ class KIVI(KVPress):
             if self.salient > 0:
                 StateSlice(ctx.state, self.name)["done"] = True
                 ctx.stats[f"{self.name}_exact_entries"] = exact[0] if exact else 0
-
-
-@functools.lru_cache(maxsize=1)
-def _scorer() -> ObservedImportance:
-    return ObservedImportance(probes=SALIENT_PROBES)
 
 
 def recent_window(residual: int, fraction: float, n: int) -> int:

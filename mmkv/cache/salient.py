@@ -13,7 +13,8 @@ sharp (BENCHMARKS.md, issue 14). There the question's attention falls on a few e
 those are the ones the prompt's own rows already attend to: keeping the top 5% exact took the
 relative attention-output error of a sharp layer from 0.065-0.13 to 0.003 (an oracle ranked by
 the question's own attention: 0.0024), where 4-bit keys everywhere give 0.006 (keys' error alone,
-the question's real queries against a whole 1,024-frame prefix).
+the question's real queries against a whole 1,024-frame prefix; an offline analysis whose script
+was not kept, so indicative only: the measured figures are the benchmark's, BENCHMARKS.md).
 
 The exact entries are a `dense.DenseSegment` of the layer (label "exact", counted in the bytes
 at their real size), read by plain attention.
