@@ -174,3 +174,37 @@ def test_dtype_is_the_models_and_records_resume_per_dtype(tiny_dir, tmp_path):
     assert q16["kv_bytes_uncompressed"] * 2 == q32["kv_bytes_uncompressed"]
     res = json.load(open(out))
     assert res[1]["kv_bytes_ratio"] > 0 and res[1]["bits_per_element"] <= 16 + 1e-6
+
+
+def test_a_presets_records_resume_only_while_it_means_the_same(tiny_dir, tmp_path, monkeypatch):
+    """Records hold the recipe a preset resolved to and are reused by it: redefining the preset
+    measures it again unless what it now names was measured; the same definition resumes."""
+    from mmkv import recipe
+    from mmkv.cli import main
+
+    out = tmp_path / "r.json"
+    records = str(out) + ".records.jsonl"
+    args = ["bench", "quality", "--task", "long", "--model", tiny_dir["qwen2_vl"], "--frames", "96", "--n", "1",
+            "--protocol", "encode", "--recipes", "none;balanced;kivi:4", "--data-dir", str(tmp_path / "data"),
+            "--json", str(out), "--no-progress"]
+    assert main(args) == 0
+    first = [json.loads(x) for x in open(records).read().splitlines()]
+    assert [r["spec"] for r in first] == ["none", recipe.Recipe.parse(recipe.PRESETS["balanced"]).spec(), "kivi:4"]
+    assert main(args) == 0 and len(open(records).read().splitlines()) == 3          # unchanged: resumed
+    monkeypatch.setitem(recipe.PRESETS, "balanced", "kivi:2")
+    assert main(args) == 0
+    lines = [json.loads(x) for x in open(records).read().splitlines()]
+    assert len(lines) == 4 and lines[-1]["recipe"] == "balanced"                   # only the preset again
+    assert lines[-1]["spec"] == recipe.Recipe.parse("kivi:2").spec() != first[1]["spec"]
+    monkeypatch.setitem(recipe.PRESETS, "balanced", "kivi:4")                      # names a recipe measured
+    assert main(args) == 0 and len(open(records).read().splitlines()) == 4          # its records serve
+    res = json.load(open(out))
+    assert res[1]["accuracy"] == res[2]["accuracy"] and res[1]["spec"] == res[2]["spec"] == "kivi:4"
+    monkeypatch.setitem(recipe.PRESETS, "balanced", "kivi:2")
+    # a record written before specs were stored: a plain recipe resumes, a preset does not
+    old = [{k: v for k, v in r.items() if k != "spec"} for r in lines]
+    with open(records, "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in old))
+    assert main(args) == 0
+    again = [json.loads(x) for x in open(records).read().splitlines()]
+    assert len(again) == 5 and again[-1]["recipe"] == "balanced"

@@ -165,6 +165,22 @@ def summarize(spec: str, label: str, videos: list[dict] | None, base: list[dict]
     return out
 
 
+def _record_spec(r: dict) -> str | None:
+    """The resolved recipe a record was computed with. Records written before "spec" was stored
+    count as their recipe string's reading today, except a preset's (its meaning may have changed
+    since; "none" cannot)."""
+    from ..recipe import PRESETS, Recipe, RecipeError
+
+    if "spec" in r:
+        return r["spec"]
+    if r["recipe"].strip().lower() in set(PRESETS) - {"none"}:
+        return None
+    try:
+        return Recipe.parse(r["recipe"]).spec()
+    except RecipeError:
+        return None
+
+
 def model_ident(adapter) -> str:
     """What a resumed record must have been computed with besides its model name: the checkpoint's
     files (names, sizes, modification times) and, for Qwen, the M-RoPE layout it is read in. A
@@ -193,19 +209,23 @@ def run(model: str, recipes: list[tuple[str, str]], videos: list[list[dict]], da
     base = mmkv.load(model, compress_at="encode" if protocol == "encode" else "ask", dtype=dtype)
     ident = model_ident(base.adapter)
     dt = str(base.adapter.dtype).replace("torch.", "")
+    pipes = {spec: base.with_recipe(spec) for spec, _ in recipes}
+    # what each recipe resolves to: records are reused by it, so a preset's records resume only while
+    # the preset means the same, and a preset reuses those of the recipe it names
+    resolved = {spec: p.recipe.spec() for spec, p in pipes.items()}
     done: dict[tuple[str, str], dict] = {}
     if os.path.exists(records):
         for line in open(records):
             r = json.loads(line)
             if r["protocol"] == protocol and r["frames"] == frames and r["model"] == model \
-                    and r.get("model_ident") == ident and r.get("dtype", "float32") == dt:
-                done[(r["recipe"], r["videoID"])] = r
-    pipes = {spec: base.with_recipe(spec) for spec, _ in recipes}
+                    and r.get("model_ident") == ident and r.get("dtype", "float32") == dt \
+                    and _record_spec(r) is not None:
+                done[(_record_spec(r), r["videoID"])] = r
     skipped = {spec: skip_reason(p, protocol) for spec, p in pipes.items()}
     t0 = time.perf_counter()
     with open(records, "a") as log:
         for i, rows in enumerate(videos):
-            todo = [s for s, _ in recipes if not skipped[s] and (s, rows[0]["videoID"]) not in done]
+            todo = [s for s, _ in recipes if not skipped[s] and (resolved[s], rows[0]["videoID"]) not in done]
             if not todo:
                 continue
             if limit_s and time.perf_counter() - t0 > limit_s:
@@ -214,9 +234,12 @@ def run(model: str, recipes: list[tuple[str, str]], videos: list[list[dict]], da
             frames_arr = load_media(os.path.join(data_dir, f"{rows[0]['videoID']}.mp4"), frames=frames).frames()
             visual: dict = {}
             for spec in todo:
+                if (resolved[spec], rows[0]["videoID"]) in done:     # another name for a recipe just run
+                    continue
                 rec = run_video(pipes[spec], rows, frames_arr, protocol, visual)
-                rec.update(recipe=spec, protocol=protocol, frames=frames, model=model, model_ident=ident, dtype=dt)
-                done[(spec, rec["videoID"])] = rec
+                rec.update(recipe=spec, spec=resolved[spec], protocol=protocol, frames=frames, model=model,
+                           model_ident=ident, dtype=dt)
+                done[(resolved[spec], rec["videoID"])] = rec
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
             if progress:
@@ -224,10 +247,10 @@ def run(model: str, recipes: list[tuple[str, str]], videos: list[list[dict]], da
     if progress:
         print(flush=True)
     vids = [rows[0]["videoID"] for rows in videos]
-    per = {s: [done[(s, v)] for v in vids if (s, v) in done] for s, _ in recipes}
+    per = {s: [done[(resolved[s], v)] for v in vids if (resolved[s], v) in done] for s, _ in recipes}
     base_spec = next((s for s, _ in recipes if base.with_recipe(s).recipe.empty), None)
-    return [summarize(s, label, per[s], per.get(base_spec) if base_spec else None, protocol, frames, skipped[s])
-            for s, label in recipes]
+    return [dict(summarize(s, label, per[s], per.get(base_spec) if base_spec else None, protocol, frames, skipped[s]),
+                 spec=resolved[s]) for s, label in recipes]
 
 
 def table(results: list[dict]) -> str:
