@@ -22,19 +22,22 @@ from .errors import RecipeError
 from .stages import KINDS, STAGES, Stage, check, register  # noqa: F401  (re-exported)
 
 # Named presets: recipe strings. Methods add theirs where they are defined.
-# Presets: model-independent budgets (fractions of each frame's tokens, of the attention mass),
-# chosen on the quality benchmark (`mmkv bench quality`, BENCHMARKS.md).
+# Presets: model-independent budgets (fractions of the visual tokens, of the keys, of the KV
+# entries), chosen on task v2 of the quality benchmark (`mmkv bench quality --task long`,
+# 1,024-frame videos, 600 questions, protocols encode and ask; BENCHMARKS.md "Presets").
 PRESETS: dict[str, str] = {
     "none": "",
-    "fast": "zipvl",
-    "balanced": "evs:0.25+zipvl",
-    "extreme": "pvc:ratio=0.125+zipvl",
+    "fast": "zipvl:ratio=0.05,dense_layers=1,kv=none",
+    "balanced": "evs:0.25+kivi:2,salient=0.05",
+    "extreme": "evs:0.25+observed:0.75,share=1,probes=16,merge=mass+kivi:2,salient=0.05",
 }
 PRESET_DOCS: dict[str, str] = {
     "none": "no compression: exactly the plain model",
-    "fast": "ZipVL: sparse prefill on the important tokens, 4/2-bit mixed-precision KV (lossless on the benchmark)",
-    "balanced": "25% of the visual tokens (EVS), then ZipVL's sparse prefill and 4/2-bit KV",
-    "extreme": "PVC (at most 12.5% of each frame, adaptively fewer), then ZipVL's sparse prefill and 4/2-bit KV",
+    "fast": "ZipVL's sparse prefill: after one dense layer each layer attends to its 5% most important keys; "
+            "the KV stays exact",
+    "balanced": "25% of the visual tokens (EVS), then KIVI 2-bit KV with each head's 5% most-attended entries exact",
+    "extreme": "25% of the visual tokens (EVS), 75% of the KV entries evicted by observed attention before the "
+               "question (merged by mass), then KIVI 2-bit with 5% exact",
 }
 
 

@@ -197,7 +197,7 @@ def test_cli_info_on_one_stage_or_preset(capsys):
     assert rc == 0 and "vidkv (kv stage)" in out
     assert "key_bits         = 1.5   <- vidkv:VALUE sets it" in out and "stats            = 8" in out
     rc, out, _ = run_cli(capsys, "info", "balanced")
-    assert rc == 0 and "= evs:0.25+zipvl" in out and "mmkv info zipvl" in out
+    assert rc == 0 and "= evs:0.25+kivi:2,salient=0.05" in out and "mmkv info kivi" in out
     rc, out, _ = run_cli(capsys, "info", "look-m")  # aliases resolve to the stage
     assert rc == 0 and out.startswith("lookm (kv stage)")
     rc, _, err = run_cli(capsys, "info", "nope")

@@ -43,12 +43,15 @@ RECIPES: list[tuple[str, str]] = [
     ("zipvl:kv=none", "ZipVL sparse prefill only"),
     ("streaming:recent=1024", "StreamingLLM 4+1024"),
     ("elastic:0.75", "Elastic Cache 75% evicted"),
-    ("observed:0.75,share=1,probes=16", "observed attention 75% evicted (probe rows, one ranking)"),
+    ("observed:0.75,share=1,probes=16,merge=mass", "observed attention 75% evicted (probe rows, one ranking, "
+                                                   "evicted entries merged by mass)"),
     ("snapkv:0.75", "SnapKV 75% evicted"),
-    ("observed:0.75,share=1,probes=16+kivi:2", "observed attention 75% evicted + KIVI 2-bit"),
+    ("observed:0.75,share=1,probes=16,merge=mass+kivi:2,salient=0.05",
+     "observed attention 75% evicted + KIVI 2-bit, 5% salient entries exact"),
     ("bilevel", "Video-XL-2 bi-level KV (about 10% on the device)"),
     ("lookm", "LOOK-M 10%+10%"),
     ("kivi:2", "KIVI 2-bit"),
+    ("kivi:2,salient=0.05", "KIVI 2-bit, 5% salient entries exact"),
     ("vidkv:stp=0", "VidKV 1.5/1.58"),
     ("vidkv", "VidKV 1.5/1.58 + STP"),
 ]
