@@ -108,3 +108,30 @@ def test_needs_question_classvar_wins():
         query_aware: ClassVar[bool] = False
 
     assert _needs_question(Late) is True
+
+
+def test_presets_compress_before_the_question_and_keep_their_budgets(tiny_dir):
+    """The presets are chosen under `encode`: none of them needs the question, one encoding
+    serves two questions, and their budgets hold on the stored cache (fast: exact KV; balanced:
+    25% of the visual tokens, quantized; extreme: balanced's tokens, fewer entries, fewer bytes)."""
+    import mmkv
+    from conftest import frames_for
+    from mmkv.bench.long import skip_reason
+
+    base = mmkv.load(tiny_dir["qwen2_vl"], compress_at="encode")
+    video = frames_for("qwen2_vl", n=128)      # 1,024 visual tokens: enough for KIVI's groups
+    stats = {}
+    for name in ("fast", "balanced", "extreme"):
+        pipe = base.with_recipe(name)
+        assert skip_reason(pipe, "encode") is None, name
+        enc = pipe.encode(video)
+        a = pipe.ask(enc, "What is shown in the video?", max_new_tokens=3)
+        pipe.ask(enc, "What colour is it?", max_new_tokens=3)
+        again = pipe.ask(enc, "What is shown in the video?", max_new_tokens=3)
+        assert again.tokens == a.tokens and again.stats.kv_bytes == a.stats.kv_bytes, name   # encoding unmodified
+        stats[name] = a.stats
+    fast, bal, ext = stats["fast"], stats["balanced"], stats["extreme"]
+    assert fast.visual_tokens_kept == fast.visual_tokens_in and fast.kv_bytes == fast.kv_bytes_uncompressed
+    assert bal.visual_tokens_kept <= 0.25 * bal.visual_tokens_in + 1 and bal.bits_per_element < bal.kv_dtype_bits
+    assert ext.visual_tokens_kept == bal.visual_tokens_kept and sum(ext.kv_len_per_layer) < sum(bal.kv_len_per_layer)
+    assert ext.kv_bytes < bal.kv_bytes < bal.kv_bytes_uncompressed
