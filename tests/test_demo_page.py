@@ -132,7 +132,7 @@ def test_page_at_laptop_and_phone_width(slow_server, browser, width, height):
 
     _upload(page, SAMPLE)
     expect(status).to_contain_text("Ready: sample.mp4", timeout=60_000)
-    page.locator("#mmkv-recipe input").fill("fast")                         # ZipVL: per-layer figures of its own
+    page.locator("#mmkv-recipe input").fill("zipvl")                        # ZipVL: per-layer figures of its own
     page.locator("#mmkv-recipe input").press("Enter")
     with items.item("no stale error: a refused fps shows its own message, not the one before"):
         box.fill("")
