@@ -31,14 +31,19 @@ def test_paired_interval():
         paired_interval({"a": [1]}, {"a": [1, 0]})
 
 
+def long_args(model: str, tmp_path, recipes: str, n: int = 1, protocol: str = "encode") -> list[str]:
+    """`mmkv bench quality --task long` on 96-frame videos into tmp_path/r.json."""
+    return ["bench", "quality", "--task", "long", "--model", model, "--frames", "96", "--n", str(n),
+            "--protocol", protocol, "--recipes", recipes, "--data-dir", str(tmp_path / "data"),
+            "--json", str(tmp_path / "r.json"), "--no-progress"]
+
+
 @pytest.mark.parametrize("protocol", ["encode", "ask", "multiturn"])
 def test_long_bench_contract_and_resume(tiny_dir, tmp_path, protocol, capsys):
     from mmkv.cli import main
 
     out = tmp_path / "r.json"
-    args = ["bench", "quality", "--task", "long", "--model", tiny_dir["qwen2_vl"], "--frames", "96", "--n", "2",
-            "--protocol", protocol, "--recipes", "none;kivi:2;vidkv;pvc:ratio=0.5", "--data-dir",
-            str(tmp_path / "data"), "--json", str(out), "--no-progress"]
+    args = long_args(tiny_dir["qwen2_vl"], tmp_path, "none;kivi:2;vidkv;pvc:ratio=0.5", n=2, protocol=protocol)
     assert main(args) == 0
     res = json.load(open(out))
     assert [r["recipe"] for r in res] == ["none", "kivi:2", "vidkv", "pvc:ratio=0.5"]
@@ -46,6 +51,16 @@ def test_long_bench_contract_and_resume(tiny_dir, tmp_path, protocol, capsys):
         assert KEYS <= set(r) and r["protocol"] == protocol and r["task"] == "long" and r["frames"] == 96
     none, kivi, vidkv, pvc = res
     assert none["n"] == 6 and none["delta"] == 0 and none["ci_low"] == none["ci_high"] == 0
+    assert (none["answers_equal"], none["gained"], none["lost"], none["prefill_speedup"]) == (6, 0, 0, 1.0)
+    # against uncompressed, question by question, from the records
+    recs = [json.loads(x) for x in open(str(out) + ".records.jsonl")]
+    outputs = {(r["recipe"], q["question_id"]): (q["output"], q["correct"]) for r in recs for q in r["questions"]}
+    ids = [q for (rec, q) in outputs if rec == "none"]
+    for r in (kivi, pvc):
+        pairs = [(outputs[("none", q)], outputs[(r["recipe"], q)]) for q in ids]
+        assert r["answers_equal"] == sum(a[0] == b[0] for a, b in pairs)
+        assert r["delta"] == pytest.approx(100 * (r["gained"] - r["lost"]) / 6)
+        assert r["prefill_speedup"] > 0
     assert none["kv_bytes_ratio"] == pytest.approx(1.0) and none["visual_kept_fraction"] == 1.0
     assert pvc["visual_kept_fraction"] <= 0.5 and pvc["kv_bytes_ratio"] < 1
     assert kivi["kv_bytes_ratio"] < 1
@@ -142,8 +157,7 @@ def test_resume_does_not_reuse_records_of_another_checkpoint(tiny_dir, tmp_path)
     d = str(tmp_path / "m")
     shutil.copytree(tiny_dir["qwen2_vl"], d)
     out = tmp_path / "r.json"
-    args = ["bench", "quality", "--task", "long", "--model", d, "--frames", "96", "--n", "1", "--protocol", "encode",
-            "--recipes", "none", "--data-dir", str(tmp_path / "data"), "--json", str(out), "--no-progress"]
+    args = long_args(d, tmp_path, "none")
     records = str(out) + ".records.jsonl"
     assert main(args) == 0 and len(open(records).read().splitlines()) == 1
     assert main(args) == 0 and len(open(records).read().splitlines()) == 1      # same checkpoint: resumed
@@ -162,9 +176,7 @@ def test_dtype_is_the_models_and_records_resume_per_dtype(tiny_dir, tmp_path):
 
     out = tmp_path / "r.json"
     records = str(out) + ".records.jsonl"
-    base = ["bench", "quality", "--task", "long", "--model", tiny_dir["qwen2_vl"], "--frames", "96", "--n", "1",
-            "--protocol", "encode", "--recipes", "none;kivi:2", "--data-dir", str(tmp_path / "data"),
-            "--json", str(out), "--no-progress"]
+    base = long_args(tiny_dir["qwen2_vl"], tmp_path, "none;kivi:2")
     assert main(base) == 0
     f32 = [json.loads(x) for x in open(records).read().splitlines()]
     assert main(base + ["--dtype", "bfloat16"]) == 0
@@ -186,9 +198,7 @@ def test_a_presets_records_resume_only_while_it_means_the_same(tiny_dir, tmp_pat
 
     out = tmp_path / "r.json"
     records = str(out) + ".records.jsonl"
-    args = ["bench", "quality", "--task", "long", "--model", tiny_dir["qwen2_vl"], "--frames", "96", "--n", "1",
-            "--protocol", "encode", "--recipes", "none;balanced;kivi:4", "--data-dir", str(tmp_path / "data"),
-            "--json", str(out), "--no-progress"]
+    args = long_args(tiny_dir["qwen2_vl"], tmp_path, "none;balanced;kivi:4")
     assert main(args) == 0
     first = [json.loads(x) for x in open(records).read().splitlines()]
     assert [r["spec"] for r in first] == ["none", recipe.Recipe.parse(recipe.PRESETS["balanced"]).spec(), "kivi:4"]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import statistics
 import time
 
 from .stats import interval, paired_interval
@@ -140,7 +141,8 @@ def summarize(spec: str, label: str, videos: list[dict] | None, base: list[dict]
     out = {"recipe": spec, "label": label, "protocol": protocol, "task": "long", "frames": frames, "n": 0,
            "videos": 0, "accuracy": None, "delta": None, "ci_low": None, "ci_high": None,
            "visual_kept_fraction": None, "kv_bytes_ratio": None, "offloaded_bytes_ratio": None, "bits_per_element": None,
-           "prefill_s": None, "decode_s": None, "skipped": skipped}
+           "prefill_s": None, "decode_s": None, "skipped": skipped, "answers_equal": None, "gained": None,
+           "lost": None, "prefill_speedup": None}
     if skipped or not videos:
         return out
     qs = [q for v in videos for q in v["questions"]]
@@ -151,13 +153,14 @@ def summarize(spec: str, label: str, videos: list[dict] | None, base: list[dict]
         b = {v["videoID"]: [q["correct"] for q in v["questions"]] for v in base}
         d, lo, hi = paired_interval(outcome, b)
         out.update(delta=d, ci_low=lo, ci_high=hi, paired_videos=len(set(outcome) & set(b)))
+        out.update(_against_base(videos, base))
     first = [v["questions"][0] for v in videos]   # bytes and prefill at the first answer (after compression)
     out["visual_kept_fraction"] = sum(q["visual_kept"] for q in first) / max(1, sum(q["visual_in"] for q in first))
     out["kv_bytes_ratio"] = sum(q["kv_bytes"] for q in first) / max(1, sum(q["kv_bytes_uncompressed"] for q in first))
     out["offloaded_bytes_ratio"] = sum(q.get("offloaded_bytes", 0) for q in first) / \
         max(1, sum(q["kv_bytes_uncompressed"] for q in first))
     out["bits_per_element"] = 8 * sum(q["kv_bytes"] for q in first) / max(1, sum(q["stored_elements"] for q in first))
-    out["prefill_s"] = sum(v["prefix_prefill_s"] + v["questions"][0]["prefill_s"] for v in videos) / len(videos)
+    out["prefill_s"] = sum(_prefill(v) for v in videos) / len(videos)
     out["decode_s"] = sum(q["decode_s"] for q in qs) / len(qs)
     out["encode_s"] = sum(v["encode_s"] for v in videos) / len(videos)
     kinds: dict[str, list[int]] = {}
@@ -182,6 +185,23 @@ def _record_spec(r: dict) -> str | None:
         return Recipe.parse(r["recipe"]).spec()
     except RecipeError:
         return None
+
+
+def _prefill(v: dict) -> float:
+    """A video's prefill: the prefix prefill and the first question's (vision tower excluded)."""
+    return v["prefix_prefill_s"] + v["questions"][0]["prefill_s"]
+
+
+def _against_base(videos: list[dict], base: list[dict]) -> dict:
+    """Per question against uncompressed on the same videos: answers equal, answers that became
+    right or wrong; the median over videos of uncompressed's prefill time over this recipe's."""
+    by = {v["videoID"]: v for v in base}
+    pairs = [(by[v["videoID"]], v) for v in videos if v["videoID"] in by]
+    qs = [(a, b) for va, vb in pairs for a, b in zip(va["questions"], vb["questions"])]
+    return {"answers_equal": sum(a["output"] == b["output"] for a, b in qs),
+            "gained": sum(b["correct"] > a["correct"] for a, b in qs),
+            "lost": sum(b["correct"] < a["correct"] for a, b in qs),
+            "prefill_speedup": statistics.median(_prefill(a) / max(_prefill(b), 1e-9) for a, b in pairs)}
 
 
 def model_ident(adapter) -> str:
@@ -221,9 +241,10 @@ def run(model: str, recipes: list[tuple[str, str]], videos: list[list[dict]], da
         for line in open(records):
             r = json.loads(line)
             if r["protocol"] == protocol and r["frames"] == frames and r["model"] == model \
-                    and r.get("model_ident") == ident and r.get("dtype", "float32") == dt \
-                    and _record_spec(r) is not None:
-                done[(_record_spec(r), r["videoID"])] = r
+                    and r.get("model_ident") == ident and r.get("dtype", "float32") == dt:
+                spec = _record_spec(r)
+                if spec is not None:
+                    done[(spec, r["videoID"])] = r
     skipped = {spec: skip_reason(p, protocol) for spec, p in pipes.items()}
     t0 = time.perf_counter()
     with open(records, "a") as log:
@@ -251,26 +272,30 @@ def run(model: str, recipes: list[tuple[str, str]], videos: list[list[dict]], da
         print(flush=True)
     vids = [rows[0]["videoID"] for rows in videos]
     per = {s: [done[(resolved[s], v)] for v in vids if (resolved[s], v) in done] for s, _ in recipes}
-    base_spec = next((s for s, _ in recipes if base.with_recipe(s).recipe.empty), None)
+    base_spec = next((s for s, _ in recipes if pipes[s].recipe.empty), None)
     return [dict(summarize(s, label, per[s], per.get(base_spec) if base_spec else None, protocol, frames, skipped[s]),
                  spec=resolved[s]) for s, label in recipes]
 
 
 def table(results: list[dict]) -> str:
-    """Markdown: accuracy, Δ with its paired 95% interval, per kind and per turn, bytes, times."""
-    lines = ["| recipe | protocol | n | accuracy | Δ vs uncompressed [95% CI] (pts) | order / count / identify | "
-             "turn 1 / 2 / 3 | visual kept | KV bytes vs uncompressed | bits/elem stored | prefill s | decode ms/q |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    """Markdown: accuracy, Δ with its paired 95% interval, the answers equal to uncompressed's (and
+    how many became right / wrong), per kind and per turn, bytes, times and the prefill speed-up."""
+    lines = ["| recipe | protocol | n | accuracy | Δ vs uncompressed [95% CI] (pts) | answers equal (+right / -wrong) | "
+             "order / count / identify | turn 1 / 2 / 3 | visual kept | KV bytes vs uncompressed | bits/elem stored | "
+             "prefill s | prefill speed-up (median) | decode ms/q |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         label = f"`{r['recipe']}`" + (f" ({r['label']})" if r.get("label") and r["label"] != r["recipe"] else "")
         if r["skipped"]:
-            lines.append(f"| {label} | {r['protocol']} | - | skipped: {r['skipped']} | | | | | | | | |")
+            lines.append(f"| {label} | {r['protocol']} | - | skipped: {r['skipped']} |" + " |" * 10)
             continue
         k = r.get("by_kind", {})
         kinds = " / ".join(f"{100 * k[x]:.0f}" for x in ("order", "count", "identify") if x in k)
         turns = " / ".join(f"{100 * k[x]:.0f}" for x in ("turn1", "turn2", "turn3") if x in k)
         delta = "" if r["delta"] is None else f"{r['delta']:+.1f} [{r['ci_low']:+.1f}, {r['ci_high']:+.1f}]"
-        lines.append(f"| {label} | {r['protocol']} | {r['n']} | {100 * r['accuracy']:.1f}% | {delta} | {kinds} | "
-                     f"{turns} | {100 * r['visual_kept_fraction']:.1f}% | {100 * r['kv_bytes_ratio']:.1f}% | "
-                     f"{r['bits_per_element']:.2f} | {r['prefill_s']:.2f} | {1000 * r['decode_s']:.0f} |")
+        equal = "" if r.get("answers_equal") is None else f"{r['answers_equal']} (+{r['gained']} / -{r['lost']})"
+        speed = "" if r.get("prefill_speedup") is None else f"{r['prefill_speedup']:.2f}x"
+        lines.append(f"| {label} | {r['protocol']} | {r['n']} | {100 * r['accuracy']:.1f}% | {delta} | {equal} | "
+                     f"{kinds} | {turns} | {100 * r['visual_kept_fraction']:.1f}% | {100 * r['kv_bytes_ratio']:.1f}% | "
+                     f"{r['bits_per_element']:.2f} | {r['prefill_s']:.2f} | {speed} | {1000 * r['decode_s']:.0f} |")
     return "\n".join(lines)
