@@ -202,8 +202,9 @@ class Recipe:
     def empty(self) -> bool:
         return not self.stages
 
-    def spec(self) -> str:
-        return "+".join(s.spec() for s in self.stages) or "none"
+    def spec(self, full: bool = False) -> str:
+        """The recipe string of the stages (`Stage.spec`; full=True: every parameter, defaults too)."""
+        return "+".join(s.spec(full) for s in self.stages) or "none"
 
     def __str__(self) -> str:
         return self.name or self.spec()

@@ -30,11 +30,13 @@ class Stage:
     def validate(self) -> None:
         """Raise RecipeError on nonsensical parameters. Called on construction."""
 
-    def spec(self) -> str:
+    def spec(self, full: bool = False) -> str:
         """The recipe-string form of this stage: `name:MAIN` (the `main` parameter's value, always,
         so "kivi:2" stays "kivi:2" and not a bare "kivi" that depends on today's defaults), then
         `key=value` for every other field that differs from its default. `Recipe.parse` reads it
-        back to an equal stage (tuples are written "a/b", None as "none")."""
+        back to an equal stage (tuples are written "a/b", None as "none"). full=True writes every
+        field, defaults included: what a stored result was computed with, which stays the same
+        string only while the stage computes the same thing (`mmkv bench` resumes by it)."""
         def text(v) -> str:
             return "none" if v is None else "/".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
 
@@ -43,7 +45,7 @@ class Stage:
             v = getattr(self, f.name)
             default = f.default if f.default is not dataclasses.MISSING else (
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-            if f.name != self.main and v != default:
+            if f.name != self.main and (full or v != default):
                 parts.append(f"{f.name}={text(v)}")
         return self.name + (":" + ",".join(parts) if parts else "")
 

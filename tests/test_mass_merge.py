@@ -54,6 +54,49 @@ def test_mass_merge_keeps_the_total_weight_and_joins_the_most_similar_key(prior)
         torch.testing.assert_close(out[hh].exp(), want)
 
 
+@pytest.mark.parametrize("reach", [1, 3, 17, 10_000])
+def test_reach_matches_only_near_kept_entries_and_keeps_the_total_weight(reach):
+    """reach > 0: each evicted entry joins the most similar kept key among those within `reach`
+    positions, or its nearest kept neighbour on either side; the total weight survives; a reach
+    beyond the sequence is the whole-head search exactly."""
+    g = torch.Generator().manual_seed(reach)
+    h, n, d = 3, 61, 8
+    keys = torch.randn(1, h, n, d, generator=g)
+    pos = torch.stack([torch.randperm(n, generator=g) for _ in range(h)])     # entry i sits at pos[:, i]
+    order = pos.argsort(1)
+    keep = torch.zeros(h, n, dtype=torch.bool).scatter_(1, torch.stack([torch.randperm(n, generator=g)[:13]
+                                                                          for _ in range(h)]), True)
+    ks = keep.gather(1, order)
+    kept, evicted = order[ks].view(h, -1), order[~ks].view(h, -1)
+    out = mass_merge(keys, kept, evicted, None, pos, reach)
+    torch.testing.assert_close(out.exp().sum(1), torch.full((h,), float(n)))
+    for hh in range(h):                                                      # brute force over the candidates
+        kn = torch.nn.functional.normalize(keys[0, hh], dim=-1)
+        kp = pos[hh, kept[hh]]
+        want = torch.ones(kept.shape[1])
+        for e in evicted[hh].tolist():
+            ep = int(pos[hh, e])
+            near = (kp - ep).abs() <= reach
+            before, after = (kp < ep).nonzero(), (kp > ep).nonzero()
+            if len(before):
+                near[before.max()] = True
+            if len(after):
+                near[after.min()] = True
+            sim = (kn[kept[hh]] @ kn[e]).masked_fill(~near, float("-inf"))
+            want[int(sim.argmax())] += 1
+        torch.testing.assert_close(out[hh].exp(), want)
+    if reach >= n:
+        torch.testing.assert_close(out, mass_merge(keys, kept, evicted))
+
+
+def test_reach_needs_the_mass_merge():
+    with pytest.raises(RecipeError, match="needs merge='mass'"):
+        Recipe.parse("snapkv:0.5,reach=64")
+    with pytest.raises(RecipeError, match="reach"):
+        Recipe.parse("observed:0.5,merge=mass,reach=-1")
+    assert Recipe.parse("observed:0.5,merge=mass,reach=64").kv[0].reach == 64
+
+
 def duplicated_layer(seed: int, n: int = 40, dup: int = 24, d: int = 16):
     """A layer whose last `dup` entries copy earlier ones exactly (keys and values), and the keep
     mask that evicts the copies."""

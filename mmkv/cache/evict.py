@@ -13,6 +13,7 @@ plus an optional merge of the evicted entries into the kept ones:
 - merge="mass": mmkv's mass-preserving merge (mass.py, after Token Merging's proportional
   attention): each evicted entry adds its weight to the kept entry of its head with the most
   similar key, which then weighs log n more in every later softmax; keys and values unchanged.
+  reach=R (default 0: the whole head) limits its search to the kept entries within R positions.
 
 Shared choices (each press's docstring adds its own):
 - `ratio` is the fraction of the held entries EVICTED, per compression; kept entries keep their
@@ -60,10 +61,11 @@ MERGES = ("none", "pivotal", "averaged", "weighted", "anchor", "mass")
 
 
 def merge_into_kept(keys, values, pos, keep: torch.Tensor, protect: torch.Tensor, merge: str,
-                    logw: torch.Tensor | None = None):
+                    logw: torch.Tensor | None = None, reach: int = 0):
     """One head set with the same count per head. keys, values [B, H, n, D]; pos [H, n]; keep,
     protect [H, n] bool; logw [H, n] the entries' log-weights or None (core.py). Returns (keys,
-    values [B, H, k, D], pos [H, k], logw [H, k] or None) in sequence order."""
+    values [B, H, k, D], pos [H, k], logw [H, k] or None) in sequence order. reach: the mass
+    merge's search distance (mass.py; 0 = the whole head)."""
     h, n = keep.shape
     order = sequence_order(pos)                                           # [H, n]
     ks = keep.gather(1, order)
@@ -71,7 +73,8 @@ def merge_into_kept(keys, values, pos, keep: torch.Tensor, protect: torch.Tensor
     evicted = order[~ks].view(h, -1)
     new_pos = pos.gather(1, kept.to(pos.device))
     if merge == "mass":
-        return gather_entries(keys, kept), gather_entries(values, kept), new_pos, mass_merge(keys, kept, evicted, logw)
+        w = mass_merge(keys, kept, evicted, logw, pos, reach)
+        return gather_entries(keys, kept), gather_entries(values, kept), new_pos, w
     # the other merges: the kept entries keep the weights they had
     new_logw = None if logw is None else logw.gather(1, kept.to(logw.device))
     if merge == "none" or evicted.shape[1] == 0:
@@ -123,6 +126,7 @@ class EvictionPress(KVPress):
     alpha: float = 0.2
     proxy: str = ""
     share: float = 0.0
+    reach: int = 0
 
     def validate(self):
         check(0 <= self.ratio < 1, f"{self.name}: ratio (fraction evicted) must be in [0, 1), got {self.ratio}")
@@ -132,6 +136,10 @@ class EvictionPress(KVPress):
               f"{self.name}: merge='mass' needs the same count in every head (budget uniform or layer), "
               f"got budget={self.budget!r}")
         check(self.sink >= 0, f"{self.name}: sink must be >= 0, got {self.sink}")
+        check(self.reach >= 0, f"{self.name}: reach (the mass merge's search distance in positions, 0 = all) "
+                               f"must be >= 0, got {self.reach}")
+        check(self.reach == 0 or self.merge == "mass",
+              f"{self.name}: reach limits the mass merge's search; it needs merge='mass', got merge={self.merge!r}")
         check(0 < self.tau <= 1, f"{self.name}: tau must be in (0, 1], got {self.tau}")
         check(0 <= self.alpha <= 1, f"{self.name}: alpha must be in [0, 1], got {self.alpha}")
 
@@ -208,7 +216,8 @@ class EvictionPress(KVPress):
     def _store(self, layer, keep: torch.Tensor, prot: torch.Tensor) -> None:
         counts = keep.sum(1)
         if bool((counts == counts[0]).all()):
-            k, v, p, w = merge_into_kept(layer.keys, layer.values, layer.pos, keep, prot, self.merge, layer.logw)
+            k, v, p, w = merge_into_kept(layer.keys, layer.values, layer.pos, keep, prot, self.merge, layer.logw,
+                                         self.reach)
             layer.set_residual(k, v, p, w)
             return
         if self.merge == "mass" or layer.logw is not None:

@@ -86,9 +86,18 @@ def lookm_select(scores: torch.Tensor, is_text: torch.Tensor, pos: torch.Tensor,
     return kept, evicted
 
 
-def _best_match(kept_k: torch.Tensor, ev_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _best_match(kept_k: torch.Tensor, ev_k: torch.Tensor, kept_pos: torch.Tensor | None = None,
+                ev_pos: torch.Tensor | None = None, reach: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per head, the most cosine-similar kept key of every evicted key.
-    kept_k [B, H, K, D], ev_k [B, H, E, D] -> (similarity [B, H, E], pivot index into K [B, H, E])."""
+    kept_k [B, H, K, D], ev_k [B, H, E, D] -> (similarity [B, H, E], pivot index into K [B, H, E]).
+
+    reach > 0 (with kept_pos [H, K] and ev_pos [H, E], each head's sequence indices in increasing
+    order): an evicted entry is matched only among the kept entries within `reach` sequence
+    positions of it, and its nearest kept entry on each side (so it always has a candidate). The
+    search then costs about 2 x reach x (kept share) similarities per evicted entry instead of K.
+    Ties go to the lowest index either way."""
+    if reach > 0 and kept_pos is not None and ev_pos is not None:
+        return _best_match_near(kept_k, ev_k, kept_pos, ev_pos, reach)
     b, h, kk, _ = kept_k.shape
     e = ev_k.shape[2]
     kn = F.normalize(kept_k.float(), dim=-1).transpose(-1, -2)            # [B, H, D, K]
@@ -99,6 +108,37 @@ def _best_match(kept_k: torch.Tensor, ev_k: torch.Tensor) -> tuple[torch.Tensor,
         m, i = sim.max(-1)
         sims.append(m)
         pivots.append(i)
+    return torch.cat(sims, 2), torch.cat(pivots, 2)
+
+
+def _best_match_near(kept_k, ev_k, kept_pos, ev_pos, reach: int):
+    """`_best_match` with the candidates of each evicted entry limited to the kept entries within
+    `reach` positions (see there). Blocks of evicted entries about 2 x reach positions long are
+    matched against the union of their candidates, the others masked out."""
+    b, h, kk, _ = kept_k.shape
+    e = ev_k.shape[2]
+    if e == 0 or kk == 0:
+        return _best_match(kept_k, ev_k)
+    kpos = kept_pos.to(kept_k.device).long().contiguous()
+    epos = ev_pos.to(kept_k.device).long().contiguous()
+    ins = torch.searchsorted(kpos, epos)                                  # [H, E] first kept entry after
+    lo = torch.minimum(torch.searchsorted(kpos, epos - reach), (ins - 1).clamp_min(0))
+    hi = torch.maximum(torch.searchsorted(kpos, epos + reach, right=True), (ins + 1).clamp_max(kk))
+    kn = F.normalize(kept_k.float(), dim=-1)                              # [B, H, K, D]
+    span = int((hi - lo).max())
+    per_pos = e / (int(epos.max()) + 1)                                   # evicted entries per position
+    step = max(32, min(int(2 * reach * per_pos), SIM_ELEMENTS // max(1, b * h * span)))
+    sims, pivots = [], []
+    for s in range(0, e, step):
+        lo_b, hi_b = lo[:, s:s + step], hi[:, s:s + step]                 # [H, r]
+        c0, c1 = int(lo_b.min()), int(hi_b.max())
+        sim = torch.matmul(F.normalize(ev_k[:, :, s:s + step].float(), dim=-1),
+                           kn[:, :, c0:c1].transpose(-1, -2))             # [B, H, r, C]
+        j = torch.arange(c0, c1, device=sim.device)
+        sim = sim.masked_fill((j < lo_b[..., None]) | (j >= hi_b[..., None]), float("-inf"))
+        m, i = sim.max(-1)
+        sims.append(m)
+        pivots.append(i + c0)
     return torch.cat(sims, 2), torch.cat(pivots, 2)
 
 
