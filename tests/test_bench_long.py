@@ -220,3 +220,24 @@ def test_a_presets_records_resume_only_while_it_means_the_same(tiny_dir, tmp_pat
     assert main(args) == 0
     again = [json.loads(x) for x in open(records).read().splitlines()]
     assert len(again) == 5 and again[-1]["recipe"] == "balanced"
+
+
+def test_records_go_stale_when_a_default_changes(tiny_dir, tmp_path):
+    """A record stores every parameter its recipe ran with ("params", defaults included); a record
+    whose parameters are not what its recipe reads as today (a default changed since) is measured
+    again instead of reused."""
+    from mmkv.cli import main
+
+    out = tmp_path / "r.json"
+    records = str(out) + ".records.jsonl"
+    args = long_args(tiny_dir["qwen2_vl"], tmp_path, "none;kivi:4")
+    assert main(args) == 0
+    first = [json.loads(x) for x in open(records).read().splitlines()]
+    assert first[1]["params"].startswith("kivi:4,group=32,residual=128,")
+    assert main(args) == 0 and len(open(records).read().splitlines()) == 2          # same defaults: resumed
+    first[1]["params"] = first[1]["params"].replace("group=32", "group=64")        # as written under another default
+    with open(records, "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in first))
+    assert main(args) == 0
+    lines = [json.loads(x) for x in open(records).read().splitlines()]
+    assert len(lines) == 3 and lines[-1]["recipe"] == "kivi:4" and "group=32" in lines[-1]["params"]

@@ -172,19 +172,29 @@ def summarize(spec: str, label: str, videos: list[dict] | None, base: list[dict]
 
 
 def _record_spec(r: dict) -> str | None:
-    """The resolved recipe a record was computed with. Records written before "spec" was stored
-    count as their recipe string's reading today, except a preset's (its meaning may have changed
-    since; "none" cannot)."""
+    """The resolved recipe a record was computed with, or None when it cannot be reused. Records
+    written before "spec" was stored count as their recipe string's reading today, except a
+    preset's (its meaning may have changed since; "none" cannot). A record that stored every
+    parameter ("params", defaults included) counts only while its recipe still reads the same:
+    a default changed since, or a stage gone, makes it stale."""
     from ..recipe import PRESETS, Recipe, RecipeError
 
     if "spec" in r:
-        return r["spec"]
-    if r["recipe"].strip().lower() in set(PRESETS) - {"none"}:
+        spec = r["spec"]
+    elif r["recipe"].strip().lower() in set(PRESETS) - {"none"}:
         return None
-    try:
-        return Recipe.parse(r["recipe"]).spec()
-    except RecipeError:
-        return None
+    else:
+        try:
+            spec = Recipe.parse(r["recipe"]).spec()
+        except RecipeError:
+            return None
+    if "params" in r:
+        try:
+            if Recipe.parse(spec).spec(full=True) != r["params"]:
+                return None
+        except RecipeError:
+            return None
+    return spec
 
 
 def _prefill(v: dict) -> float:
@@ -261,8 +271,8 @@ def run(model: str, recipes: list[tuple[str, str]], videos: list[list[dict]], da
                 if (resolved[spec], rows[0]["videoID"]) in done:     # another name for a recipe just run
                     continue
                 rec = run_video(pipes[spec], rows, frames_arr, protocol, visual)
-                rec.update(recipe=spec, spec=resolved[spec], protocol=protocol, frames=frames, model=model,
-                           model_ident=ident, dtype=dt)
+                rec.update(recipe=spec, spec=resolved[spec], params=pipes[spec].recipe.spec(full=True),
+                           protocol=protocol, frames=frames, model=model, model_ident=ident, dtype=dt)
                 done[(resolved[spec], rec["videoID"])] = rec
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
