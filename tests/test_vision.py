@@ -571,23 +571,26 @@ def test_positions_sensitivity(tiny_dir, hf_models):
 @pytest.mark.slow
 def test_streaming_memory_does_not_grow_with_video_length(tiny_dir, tmp_path):
     """Decode -> encode -> PVC, chunk by chunk: the resident set after each chunk stops growing.
-    Between the second quarter of a 4N-frame video and the last it grows far less than the raw
-    frames it went through (2N frames): a leak of a quarter of the decoded frames would fail.
+    Between the third quarter of a 4N-frame video and the last it grows far less than the raw
+    frames decoded in between (N frames): a leak of a quarter of the decoded frames would fail.
 
-    The resident set first climbs for 50-100 frames after the warm-up (allocator pools filling,
-    then flat at a level that depends on the machine's load: 40-90 MiB measured), so the first
-    quarter is the ramp and the levels compared are the medians of the second and the last
-    quarters. Compared against the first quarter's maximum, the check failed on that bounded ramp
-    when it ended past the first quarter (3 of 7 suite runs, all on a loaded machine)."""
+    The trace is read after the heap's free pages are handed back (`_settled_rss`), so it shows
+    what stays live. It still climbs by 80-100 MiB over the 100-150 frames after the warm-up (the
+    decoder's buffers filling; the same climb at 8N frames, so it is bounded), then stays flat to
+    0.5 MiB (0.2-0.5 MiB between the second and last quarters in five runs, two of them beside two
+    busy processes); how long that bounded ramp lasts depends on the machine's load, and
+    a ramp ending past the first quarter failed a comparison against it (in 3 of 7 suite runs on a
+    loaded machine; once against the second quarter, before the trace was settled), so the levels
+    compared are the medians of the third and the last quarters."""
     from mmkv.bench.longvideo import measure, write_long_video
     n, side, chunk = 96, 320, 8
     video = write_long_video(str(tmp_path / "long.mp4"), 4 * n, size=side)
     r = measure(video, tiny_dir["qwen2_vl"], "pvc", chunk_frames=chunk, threads=1, timeout=600, warmup_frames=n)
     trace = r["chunk_rss_mib"]
     assert len(trace) == 4 * n // chunk and r["frames"] == 4 * n
-    raw_growth = 2 * n * side * side * 3 / 2**20                   # MiB of decoded frames between 2N and 4N
+    raw_growth = n * side * side * 3 / 2**20                       # MiB of decoded frames between 3N and 4N
     # medians: one transient spike (an allocator arena grown while the machine is busy) is no leak
     q = n // chunk
-    growth = float(np.median(trace[-q:])) - float(np.median(trace[q:2 * q]))
-    assert growth < 0.25 * raw_growth, (growth, raw_growth, trace)
+    growth = float(np.median(trace[-q:])) - float(np.median(trace[2 * q:3 * q]))
+    assert growth < 0.25 * raw_growth, (growth, raw_growth, [round(x, 1) for x in trace])
     assert r["visual_kept"] < r["visual_in"] / 2

@@ -56,6 +56,18 @@ def _rss_now() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _settled_rss() -> int:
+    """The resident set after handing the heap's free pages back to the OS (glibc's malloc_trim,
+    where there is one): what is live, not what the allocator keeps cached after a chunk's
+    temporaries are freed, whose amount depends on timing and machine load."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    return _rss_now()
+
+
 def worker(video: str, model: str, recipe: str, chunk_frames: int, threads: int | None,
            warmup_frames: int | None = None) -> dict:
     """One measurement in this process: returns peak memory and what was kept.
@@ -63,7 +75,8 @@ def worker(video: str, model: str, recipe: str, chunk_frames: int, threads: int 
     A warm-up run over `warmup_frames` frames (default 8 chunks) of the same video first brings the process to its
     steady state (allocator pools, processor buffers, lazily built kernels); the figure reported is
     the resident set sampled every 20 ms during the measured run, minus the resident set right
-    before it."""
+    before it; the trace after each chunk (`chunk_rss_mib`) is read with the heap's free pages
+    handed back first (`_settled_rss`), so it shows what stays live as the video goes on."""
     import torch
 
     if threads:
@@ -74,12 +87,13 @@ def worker(video: str, model: str, recipe: str, chunk_frames: int, threads: int 
     pipe = mmkv.load(model, recipe=recipe, chunk_frames=chunk_frames)
     question = "What color is the shape that appears in the video?"
     pipe.generate(video, question, fps=1.0, max_frames=warmup_frames or 8 * pipe.chunk_frames, max_new_tokens=1)
+    settled = _settled_rss()
     base = _rss_now()
-    trace: list[float] = []  # resident set above base after each encoded chunk
+    trace: list[float] = []  # resident set above the settled base after each encoded chunk
 
     def progress(stage, done, total):
         if stage == "encode":
-            trace.append((_rss_now() - base) / 2**20)
+            trace.append((_settled_rss() - settled) / 2**20)
 
     t0 = time.perf_counter()
     # what generate() does, with the two phases measured apart
