@@ -110,3 +110,31 @@ def test_image_bench_rejects_frames(hires_dir, tmp_path):
 
     assert main(["bench", "quality", "--task", "image", "--model", hires_dir, "--frames", "16", "--n", "1",
                  "--data-dir", str(tmp_path)]) == 2
+
+
+def test_image_records_resume_by_resolved_recipe_and_parameters(hires_dir, tmp_path):
+    """As the long task: records are reused by the recipe a name resolves to (a second spelling of
+    a measured recipe reuses its records), and a record whose parameters, defaults included, are
+    not what its recipe reads as today is measured again."""
+    from mmkv.cli import main
+
+    out = tmp_path / "r.json"
+    records = str(out) + ".records.jsonl"
+
+    def args(recipes):
+        return ["bench", "quality", "--task", "image", "--model", hires_dir, "--n", "1", "--protocol", "encode",
+                "--recipes", recipes, "--data-dir", str(tmp_path / "data"), "--json", str(out), "--no-progress"]
+
+    assert main(args("none;kivi:4")) == 0
+    first = [json.loads(x) for x in open(records).read().splitlines()]
+    assert [r["spec"] for r in first] == ["none", "kivi:4"] and first[1]["params"].startswith("kivi:4,group=32,")
+    assert main(args("none;kivi:bits=4,group=32")) == 0                       # the same recipe, spelled out
+    assert len(open(records).read().splitlines()) == 2
+    res = json.load(open(out))
+    assert res[1]["recipe"] == "kivi:bits=4,group=32" and res[1]["spec"] == "kivi:4" and res[1]["n"] == 3
+    first[1]["params"] = first[1]["params"].replace("group=32", "group=64")    # as if another default then
+    with open(records, "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in first))
+    assert main(args("none;kivi:4")) == 0
+    lines = [json.loads(x) for x in open(records).read().splitlines()]
+    assert len(lines) == 3 and lines[-1]["spec"] == "kivi:4" and "group=32" in lines[-1]["params"]

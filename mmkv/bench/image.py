@@ -99,26 +99,35 @@ def run_image(pipe, rows: list[dict], media, protocol: str) -> dict:
 def run(model: str, recipes: list[tuple[str, str]], images: list[list[dict]], data_dir: str, protocol: str,
         records: str, progress: bool = True, limit_s: float = 0) -> list[dict]:
     """Every recipe on every image (images outer, so a cut-short run covers every recipe), resuming
-    from `records` (JSON lines). Returns the summaries in the order of `recipes`."""
+    from `records` (JSON lines) as the long task does: of the same model and checkpoint
+    (`long.model_ident`), by the recipe each name resolves to (a preset's records resume only while
+    it means the same) and only while that recipe's parameters, defaults included, read the same.
+    Returns the summaries in the order of `recipes`."""
     import mmkv
     from ..io import load_media
+    from .long import _record_spec, model_ident
 
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    base = mmkv.load(model, compress_at="encode" if protocol == "encode" else "ask")
+    ident = model_ident(base.adapter)
+    pipes = {spec: base.with_recipe(spec) for spec, _ in recipes}
+    resolved = {spec: p.recipe.spec() for spec, p in pipes.items()}
     done: dict[tuple[str, str], dict] = {}
     if os.path.exists(records):
         for line in open(records):
             r = json.loads(line)
-            if r["protocol"] == protocol and r["model"] == model and r.get("task") == "image":
-                done[(r["recipe"], r["imageID"])] = r
-    base = mmkv.load(model, compress_at="encode" if protocol == "encode" else "ask")
-    pipes = {spec: base.with_recipe(spec) for spec, _ in recipes}
+            if r["protocol"] == protocol and r["model"] == model and r.get("task") == "image" \
+                    and r.get("model_ident") == ident:
+                spec = _record_spec(r)
+                if spec is not None:
+                    done[(spec, r["imageID"])] = r
     skipped = {spec: skip_reason(p, protocol) for spec, p in pipes.items()}
     t0 = time.perf_counter()
     with open(records, "a") as log:
         for i, rows in enumerate(images):
             iid = rows[0]["imageID"]
-            todo = [s for s, _ in recipes if not skipped[s] and (s, iid) not in done]
+            todo = [s for s, _ in recipes if not skipped[s] and (resolved[s], iid) not in done]
             if not todo:
                 continue
             if limit_s and time.perf_counter() - t0 > limit_s:
@@ -126,9 +135,12 @@ def run(model: str, recipes: list[tuple[str, str]], images: list[list[dict]], da
                 break
             media = load_media(os.path.join(data_dir, f"{iid}.png"))
             for spec in todo:
+                if (resolved[spec], iid) in done:                    # another name for a recipe just run
+                    continue
                 rec = run_image(pipes[spec], rows, media, protocol)
-                rec.update(recipe=spec, protocol=protocol, task="image", model=model)
-                done[(spec, iid)] = rec
+                rec.update(recipe=spec, spec=resolved[spec], params=pipes[spec].recipe.spec(full=True),
+                           protocol=protocol, task="image", model=model, model_ident=ident)
+                done[(resolved[spec], iid)] = rec
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
             if progress:
@@ -136,7 +148,7 @@ def run(model: str, recipes: list[tuple[str, str]], images: list[list[dict]], da
     if progress:
         print(flush=True)
     ids = [rows[0]["imageID"] for rows in images]
-    per = {s: [_as_video(done[(s, i)]) for i in ids if (s, i) in done] for s, _ in recipes}
+    per = {s: [_as_video(done[(resolved[s], i)]) for i in ids if (resolved[s], i) in done] for s, _ in recipes}
     base_spec = next((s for s, _ in recipes if pipes[s].recipe.empty), None)
     out = []
     for s, label in recipes:
@@ -144,7 +156,8 @@ def run(model: str, recipes: list[tuple[str, str]], images: list[list[dict]], da
         r.update(task="image", images=r.pop("videos"))
         if "paired_videos" in r:
             r["paired_images"] = r.pop("paired_videos")
-        recs = [done[(s, i)] for i in ids if (s, i) in done]
+        r["spec"] = resolved[s]
+        recs = [done[(resolved[s], i)] for i in ids if (resolved[s], i) in done]
         r["needle_kept"] = sum(x["needle_kept"] for x in recs) / len(recs) if recs else None
         cr = [x["needle_crop_ratio"] for x in recs if x.get("needle_crop_ratio") is not None]
         r["needle_crop_ratio"] = sum(cr) / len(cr) if cr else None
