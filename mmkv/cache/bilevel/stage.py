@@ -34,9 +34,12 @@ reset to 0 for that question (a re-weighted copy of the pool's segments, the cod
 Positions: original everywhere (keys keep the rotation of their original position; decoding
 continues after the uncompressed prompt).
 
-Defaults: frames=16 (Video-XL-2's chunk of 4 groups of 4 frames; research brief §9), keep=0.05 and
-budget=0.05 (the device holds the text, 5% of the video's entries as sparse levels, and at most
-5% more brought back per question: ~10% of the uncompressed KV during decoding), sparse="attn",
+Defaults: frames=16 (Video-XL-2's chunk of 4 groups of 4 frames; research brief §9), keep=0.04 and
+budget=0.05 (the device holds the text, 4% of the video's entries as sparse levels, and at most
+5% more brought back per question: 9.3% of the uncompressed KV during decoding on the long
+benchmark at 2,048 frames, where keep=0.05 held 10.1%; +0.8 [-0.8, +2.5] under `encode` and
++1.5 [-0.2, +3.2] under `multiturn`, 600 questions each, the best of five settings tried on
+those videos, BENCHMARKS.md), sparse="attn",
 score="quest" (both measured best of their alternatives, docs/bilevel.md), share=1 (one
 ranking of each chunk for all layers: on the long benchmark at 2,048 frames 66.3% against 57.3%
 with each layer ranking by its own scores, whose layer 0 drops most object tokens; the same on
@@ -133,7 +136,7 @@ class BiLevel(KVPress):
     bilevel: ClassVar[bool] = True  # the pipeline chunks the prefill and calls the hooks below
 
     budget: float = 0.05
-    keep: float = 0.05
+    keep: float = 0.04
     frames: int = 16
     sparse: str = "attn"
     score: str = "quest"
