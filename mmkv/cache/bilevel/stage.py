@@ -39,7 +39,7 @@ budget=0.05 (the device holds the text, 4% of the video's entries as sparse leve
 5% more brought back per question: 9.3% of the uncompressed KV during decoding on the long
 benchmark at 2,048 frames, where keep=0.05 held 10.1%; +0.8 [-0.8, +2.5] under `encode` and
 +1.5 [-0.2, +3.2] under `multiturn`, 600 questions each, the best of five settings tried on
-those videos, BENCHMARKS.md), sparse="attn",
+those videos; +0.0 [-1.3, +1.3] under `encode` on 200 fresh ones, BENCHMARKS.md), sparse="attn",
 score="quest" (both measured best of their alternatives, docs/bilevel.md), share=1 (one
 ranking of each chunk for all layers: on the long benchmark at 2,048 frames 66.3% against 57.3%
 with each layer ranking by its own scores, whose layer 0 drops most object tokens; the same on
