@@ -22,6 +22,7 @@ run resumes where it stopped; the summary is rebuilt from that file.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -188,13 +189,20 @@ def _record_spec(r: dict) -> str | None:
             spec = Recipe.parse(r["recipe"]).spec()
         except RecipeError:
             return None
-    if "params" in r:
-        try:
-            if Recipe.parse(spec).spec(full=True) != r["params"]:
-                return None
-        except RecipeError:
-            return None
+    if "params" in r and _full_spec(spec) != r["params"]:
+        return None
     return spec
+
+
+@functools.lru_cache(maxsize=None)
+def _full_spec(spec: str) -> str | None:
+    """Every parameter `spec` reads as today (None: it no longer parses), once per recipe."""
+    from ..recipe import Recipe, RecipeError
+
+    try:
+        return Recipe.parse(spec).spec(full=True)
+    except RecipeError:
+        return None
 
 
 def _prefill(v: dict) -> float:

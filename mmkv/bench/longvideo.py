@@ -16,6 +16,7 @@ prompt are measured apart.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -56,15 +57,23 @@ def _rss_now() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None where there is none."""
+    try:
+        import ctypes
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
 def _settled_rss() -> int:
     """The resident set after handing the heap's free pages back to the OS (glibc's malloc_trim,
     where there is one): what is live, not what the allocator keeps cached after a chunk's
     temporaries are freed, whose amount depends on timing and machine load."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
     return _rss_now()
 
 
@@ -87,13 +96,12 @@ def worker(video: str, model: str, recipe: str, chunk_frames: int, threads: int 
     pipe = mmkv.load(model, recipe=recipe, chunk_frames=chunk_frames)
     question = "What color is the shape that appears in the video?"
     pipe.generate(video, question, fps=1.0, max_frames=warmup_frames or 8 * pipe.chunk_frames, max_new_tokens=1)
-    settled = _settled_rss()
-    base = _rss_now()
-    trace: list[float] = []  # resident set above the settled base after each encoded chunk
+    base = _settled_rss()
+    trace: list[float] = []  # resident set above base after each encoded chunk
 
     def progress(stage, done, total):
         if stage == "encode":
-            trace.append((_settled_rss() - settled) / 2**20)
+            trace.append((_settled_rss() - base) / 2**20)
 
     t0 = time.perf_counter()
     # what generate() does, with the two phases measured apart
