@@ -105,7 +105,7 @@ def run(model: str, recipes: list[tuple[str, str]], images: list[list[dict]], da
     Returns the summaries in the order of `recipes`."""
     import mmkv
     from ..io import load_media
-    from .long import _record_spec, model_ident
+    from .long import load_records, model_ident
 
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -113,15 +113,7 @@ def run(model: str, recipes: list[tuple[str, str]], images: list[list[dict]], da
     ident = model_ident(base.adapter)
     pipes = {spec: base.with_recipe(spec) for spec, _ in recipes}
     resolved = {spec: p.recipe.spec() for spec, p in pipes.items()}
-    done: dict[tuple[str, str], dict] = {}
-    if os.path.exists(records):
-        for line in open(records):
-            r = json.loads(line)
-            if r["protocol"] == protocol and r["model"] == model and r.get("task") == "image" \
-                    and r.get("model_ident") == ident:
-                spec = _record_spec(r)
-                if spec is not None:
-                    done[(spec, r["imageID"])] = r
+    done = load_records(records, "imageID", protocol=protocol, model=model, task="image", model_ident=ident)
     skipped = {spec: skip_reason(p, protocol) for spec, p in pipes.items()}
     t0 = time.perf_counter()
     with open(records, "a") as log:

@@ -194,6 +194,23 @@ def _record_spec(r: dict) -> str | None:
     return spec
 
 
+def load_records(path: str, key: str, **match) -> dict[tuple[str, str], dict]:
+    """The reusable records of the JSON-lines file `path` (none if it does not exist), by (resolved
+    recipe, record[key]): those whose fields equal every `match` value (a record without "dtype"
+    is from a float32 run) and whose recipe still reads the same (`_record_spec`). A later line
+    replaces an earlier one. The long and the image task both resume through this."""
+    done: dict[tuple[str, str], dict] = {}
+    if not os.path.exists(path):
+        return done
+    for line in open(path):
+        r = json.loads(line)
+        if all(r.get(k, "float32" if k == "dtype" else None) == v for k, v in match.items()):
+            spec = _record_spec(r)
+            if spec is not None:
+                done[(spec, r[key])] = r
+    return done
+
+
 @functools.lru_cache(maxsize=None)
 def _full_spec(spec: str) -> str | None:
     """Every parameter `spec` reads as today (None: it no longer parses), once per recipe."""
@@ -254,15 +271,8 @@ def run(model: str, recipes: list[tuple[str, str]], videos: list[list[dict]], da
     # what each recipe resolves to: records are reused by it, so a preset's records resume only while
     # the preset means the same, and a preset reuses those of the recipe it names
     resolved = {spec: p.recipe.spec() for spec, p in pipes.items()}
-    done: dict[tuple[str, str], dict] = {}
-    if os.path.exists(records):
-        for line in open(records):
-            r = json.loads(line)
-            if r["protocol"] == protocol and r["frames"] == frames and r["model"] == model \
-                    and r.get("model_ident") == ident and r.get("dtype", "float32") == dt:
-                spec = _record_spec(r)
-                if spec is not None:
-                    done[(spec, r["videoID"])] = r
+    done = load_records(records, "videoID", protocol=protocol, frames=frames, model=model, model_ident=ident,
+                        dtype=dt)
     skipped = {spec: skip_reason(p, protocol) for spec, p in pipes.items()}
     t0 = time.perf_counter()
     with open(records, "a") as log:
