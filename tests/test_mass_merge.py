@@ -89,6 +89,27 @@ def test_reach_matches_only_near_kept_entries_and_keeps_the_total_weight(reach):
         torch.testing.assert_close(out, mass_merge(keys, kept, evicted))
 
 
+@pytest.mark.parametrize("tiles", [(7, 5), (4, 9), (1, 1), (3, 100)])
+def test_the_tiled_cpu_search_finds_the_brute_force_match(monkeypatch, tiles):
+    """The CPU search in ROW_TILE x KEY_TILE tiles (a running max over key tiles): every evicted
+    key gets its most cosine-similar kept key, ties (duplicated kept keys) to the lowest index."""
+    import mmkv.cache.lookm as lookm
+
+    monkeypatch.setattr(lookm, "ROW_TILE", tiles[0])
+    monkeypatch.setattr(lookm, "KEY_TILE", tiles[1])
+    g = torch.Generator().manual_seed(sum(tiles))
+    b, h, k, e, d = 2, 3, 41, 29, 8
+    kept, ev = torch.randn(b, h, k, d, generator=g), torch.randn(b, h, e, d, generator=g)
+    kept[:, :, 30] = kept[:, :, 2]                                           # a tie across key tiles
+    ev[:, :, 5] = 3 * kept[:, :, 2]
+    sim, piv = lookm._best_match(kept, ev)
+    cos = torch.nn.functional.normalize(ev, dim=-1) @ torch.nn.functional.normalize(kept, dim=-1).transpose(-1, -2)
+    want = cos.max(-1)
+    torch.testing.assert_close(sim, want.values)
+    assert torch.equal(piv, want.indices)
+    assert (piv[:, :, 5] == 2).all()
+
+
 def test_reach_needs_the_mass_merge():
     with pytest.raises(RecipeError, match="needs merge='mass'"):
         Recipe.parse("snapkv:0.5,reach=64")

@@ -59,7 +59,12 @@ from .scores import accumulate, attention_received, entry_scores, gather_entries
 
 VARIANTS = ("pivotal", "averaged", "weighted", "none")
 SCORE_CHOICES = ("text", "observed", "window", "expected")
-SIM_ELEMENTS = 1 << 24  # similarity elements per block when matching evicted to kept keys
+SIM_ELEMENTS = 1 << 24  # similarity elements per block when matching evicted to kept keys (not CPU)
+# On the CPU the search runs in tiles of ROW_TILE evicted x KEY_TILE kept keys per head, a running
+# max over the key tiles: a tile's similarities stay in cache instead of a 64 MiB block going out
+# to memory and back for the max. The same matches (ties still go to the lowest index) up to the
+# rounding of similarities equal to ~1e-7; faster from 2K kept keys (BENCHMARKS.md, issue 14).
+ROW_TILE, KEY_TILE = 512, 2048
 
 
 def lookm_select(scores: torch.Tensor, is_text: torch.Tensor, pos: torch.Tensor, hh_ratio: float,
@@ -101,6 +106,8 @@ def _best_match(kept_k: torch.Tensor, ev_k: torch.Tensor, kept_pos: torch.Tensor
     b, h, kk, _ = kept_k.shape
     e = ev_k.shape[2]
     kn = F.normalize(kept_k.float(), dim=-1).transpose(-1, -2)            # [B, H, D, K]
+    if kept_k.device.type == "cpu" and kk and e:
+        return _best_match_tiled(kn, ev_k)
     step = max(1, SIM_ELEMENTS // max(1, b * h * kk))
     sims, pivots = [], []
     for s in range(0, e, step):
@@ -108,6 +115,27 @@ def _best_match(kept_k: torch.Tensor, ev_k: torch.Tensor, kept_pos: torch.Tensor
         m, i = sim.max(-1)
         sims.append(m)
         pivots.append(i)
+    return torch.cat(sims, 2), torch.cat(pivots, 2)
+
+
+def _best_match_tiled(kn: torch.Tensor, ev_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_best_match` in ROW_TILE x KEY_TILE tiles (kn: the normalized kept keys, [B, H, D, K]);
+    with fewer kept keys than KEY_TILE, proportionally more rows per tile. Key tiles run in
+    increasing order and a later tile wins only when strictly more similar, so ties go to the
+    lowest index as in the one-block search."""
+    kk, e = kn.shape[-1], ev_k.shape[2]
+    rows = ROW_TILE * max(1, KEY_TILE // kk)
+    sims, pivots = [], []
+    for s in range(0, e, rows):
+        q = F.normalize(ev_k[:, :, s:s + rows].float(), dim=-1)            # [B, H, r, D]
+        best, arg = torch.matmul(q, kn[..., :KEY_TILE]).max(-1)
+        for c in range(KEY_TILE, kk, KEY_TILE):
+            m, i = torch.matmul(q, kn[..., c:c + KEY_TILE]).max(-1)
+            up = m > best
+            best = torch.where(up, m, best)
+            arg = torch.where(up, i + c, arg)
+        sims.append(best)
+        pivots.append(arg)
     return torch.cat(sims, 2), torch.cat(pivots, 2)
 
 
