@@ -63,7 +63,8 @@ SIM_ELEMENTS = 1 << 24  # similarity elements per block when matching evicted to
 # On the CPU the search runs in tiles of ROW_TILE evicted x KEY_TILE kept keys per head, a running
 # max over the key tiles: a tile's similarities stay in cache instead of a 64 MiB block going out
 # to memory and back for the max. The same matches (ties still go to the lowest index) up to the
-# rounding of similarities equal to ~1e-7; faster from 2K kept keys (BENCHMARKS.md, issue 14).
+# rounding of similarities equal to ~1e-7; 1.4x faster at 2K kept keys, 2-3.4x at 8K
+# (benchmarks/match_search.py, BENCHMARKS.md).
 ROW_TILE, KEY_TILE = 512, 2048
 
 
