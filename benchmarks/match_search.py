@@ -2,8 +2,9 @@
 
 Every evicted key is matched to its most cosine-similar kept key (`mmkv.cache.lookm._best_match`,
 used by `merge=mass`, LOOK-M's merge and the bi-level stage). On the CPU it runs in tiles of
-ROW_TILE x KEY_TILE per head with a running max over the key tiles; before, one block of up to
-SIM_ELEMENTS similarities per step. This script times both on the same random keys, alternating
+ROW_TILE x KEY_TILE per head with a running max over the key tiles (`_best_match_tiled`); before,
+in blocks of evicted rows against all kept keys, up to SIM_ELEMENTS similarities per block
+(`_best_match_blocked`, still the path off the CPU). This script times both on the same random keys, alternating
 them `--repeats` times, and checks that they choose the same kept key for every evicted one.
 
     python benchmarks/match_search.py                      # the bundled model's shape and two larger
@@ -33,22 +34,22 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     import mmkv.cache.lookm as lookm
 
-    tiles = (lookm.ROW_TILE, lookm.KEY_TILE)
     g = torch.Generator().manual_seed(0)
-    print(f"threads {torch.get_num_threads()}; tiles {tiles[0]} x {tiles[1]}; one block: {lookm.SIM_ELEMENTS} similarities")
-    print("| KV heads | kept | evicted | dim | one block ms | tiled ms | speed-up | same matches |")
+    print(f"threads {torch.get_num_threads()}; tiles {lookm.ROW_TILE} x {lookm.KEY_TILE}; "
+          f"blocks of up to {lookm.SIM_ELEMENTS} similarities")
+    search = {"block": lookm._best_match_blocked, "tiled": lookm._best_match_tiled}
+    print("| KV heads | kept | evicted | dim | blocks ms | tiles ms | speed-up | same matches |")
     print("|---|---|---|---|---|---|---|---|")
     for h, k, e, d in SHAPES:
         kept, ev = torch.randn(1, h, k, d, generator=g), torch.randn(1, h, e, d, generator=g)
         times = {"block": [], "tiled": []}
         piv = {}
         for _ in range(args.repeats):
-            for name in ("block", "tiled"):
-                lookm.KEY_TILE = tiles[1] if name == "tiled" else 1 << 62   # > kept: the one-block path
-                t = time.perf_counter()
-                piv[name] = lookm._best_match(kept, ev)[1]
+            for name, fn in search.items():
+                t = time.perf_counter()      # each timed as _best_match runs it: the kept keys normalized too
+                kn = torch.nn.functional.normalize(kept.float(), dim=-1).transpose(-1, -2)
+                piv[name] = fn(kn, ev)[1]
                 times[name].append(time.perf_counter() - t)
-        lookm.KEY_TILE = tiles[1]
         a, b = statistics.median(times["block"]), statistics.median(times["tiled"])
         same = int((piv["block"] == piv["tiled"]).sum())
         print(f"| {h} | {k} | {e} | {d} | {1000 * a:.0f} | {1000 * b:.0f} | {a / b:.2f}x | {same} of {piv['block'].numel()} |")

@@ -63,8 +63,8 @@ SIM_ELEMENTS = 1 << 24  # similarity elements per block when matching evicted to
 # On the CPU the search runs in tiles of ROW_TILE evicted x KEY_TILE kept keys per head, a running
 # max over the key tiles: a tile's similarities stay in cache instead of a 64 MiB block going out
 # to memory and back for the max. The same matches (ties still go to the lowest index) up to the
-# rounding of similarities equal to ~1e-7; 1.4x faster at 2K kept keys, 2-3.4x at 8K
-# (benchmarks/match_search.py, BENCHMARKS.md).
+# rounding of similarities equal to ~1e-7; 1.15x faster alone at 2K kept keys, 2.2-2.8x at 8K
+# (benchmarks/match_search.py), the mass merge's prefill +32% -> +14% on the proxy (BENCHMARKS.md).
 ROW_TILE, KEY_TILE = 512, 2048
 
 
@@ -104,11 +104,18 @@ def _best_match(kept_k: torch.Tensor, ev_k: torch.Tensor, kept_pos: torch.Tensor
     Ties go to the lowest index either way."""
     if reach > 0 and kept_pos is not None and ev_pos is not None:
         return _best_match_near(kept_k, ev_k, kept_pos, ev_pos, reach)
-    b, h, kk, _ = kept_k.shape
-    e = ev_k.shape[2]
+    kk, e = kept_k.shape[2], ev_k.shape[2]
     kn = F.normalize(kept_k.float(), dim=-1).transpose(-1, -2)            # [B, H, D, K]
     if kept_k.device.type == "cpu" and kk and e:
         return _best_match_tiled(kn, ev_k)
+    return _best_match_blocked(kn, ev_k)
+
+
+def _best_match_blocked(kn: torch.Tensor, ev_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_best_match` in blocks of evicted rows against every kept key at once, up to SIM_ELEMENTS
+    similarities per block (kn: the normalized kept keys, [B, H, D, K]); the path off the CPU."""
+    b, h, _, kk = kn.shape
+    e = ev_k.shape[2]
     step = max(1, SIM_ELEMENTS // max(1, b * h * kk))
     sims, pivots = [], []
     for s in range(0, e, step):

@@ -26,8 +26,10 @@ every kept key of its head, a fifth of the attention's work on the bundled model
 (a few percent with a real decoder's GQA and MLP). `reach=R` (a parameter of every eviction
 press, default 0 = the whole head) matches each evicted entry only among the kept entries within
 R sequence positions (and its nearest kept neighbour on either side), about 2R x (kept share)
-candidates: on the long benchmark reach=256 brings the merge's prefill cost from +32% to +7% (+15% to +8% since the CPU search runs in tiles, lookm.ROW_TILE), at -0.3 [-1.2, +0.5] points against the whole search's +0.2 [-0.3, +0.7]
-(BENCHMARKS.md, "Matching only near the evicted entry").
+candidates: on the long benchmark reach=256 brings the merge's prefill cost from +32% to +7%
+(+14% to +8% since the CPU search runs in tiles, lookm.ROW_TILE), at -0.3 [-1.2, +0.5] points
+against the whole search's +0.2 [-0.3, +0.7] (BENCHMARKS.md, "Matching only near the evicted
+entry").
 Per-head budgets (ragged layers) are not supported with it.
 """
 from __future__ import annotations
