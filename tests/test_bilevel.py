@@ -32,11 +32,12 @@ def _kv_tensors(cache):
 
 @pytest.mark.parametrize("spec", ["bilevel:1.0,cross=dense,frames=4", "bilevel:1.0,keep=1.0,frames=4",
                                   "bilevel:1.0,cross=dense,frames=4,keep=0.3,mass=1",
-                                  "bilevel:1.0,frames=4,keep=0.3,window=16"])
+                                  "bilevel:1.0,frames=4,keep=0.3,window=16",
+                                  "bilevel:1.0,frames=4,keep=0.3,prekeep=1.0"])
 def test_every_chunk_dense_equals_uncompressed(family, pipes, spec):
-    """All chunks brought back (budget 1) with dense cross-chunk attention (cross=dense, or a dense
-    window longer than the video), or a sparse level that keeps everything: token for token the
-    uncompressed answer, logits equal."""
+    """All chunks brought back (budget 1) with dense cross-chunk attention (cross=dense, a dense
+    window longer than the video, or a prefill that sees every entry: prekeep=1), or a sparse
+    level that keeps everything: token for token the uncompressed answer, logits equal."""
     base = pipes[family]
     video = frames_for(family, n=12, seed=5)
     ref = base.generate(video, Q, max_new_tokens=10, output_scores=True)
@@ -85,7 +86,8 @@ def test_positions_are_the_original_ones(pipes):
 
 
 @pytest.mark.parametrize("spec", ["bilevel:0.3,frames=4", "bilevel:0.3,frames=4,keep=0.5+kivi:2,group=8,residual=8",
-                                  "bilevel:0.3,frames=4,offload=disk"])
+                                  "bilevel:0.3,frames=4,offload=disk", "bilevel:0.3,frames=4,keep=0.2,prekeep=0.6",
+                                  "bilevel:0.3,frames=4,keep=0.25,prekeep=0.7+kivi:2,group=8,residual=8"])
 def test_levels_bytes_are_the_stored_tensors(pipes, spec):
     pipe = pipes["qwen2_vl"].with_recipe(spec)
     enc = pipe.encode(frames_for("qwen2_vl", n=16, seed=7))
@@ -196,7 +198,9 @@ def test_composes_with_a_vision_press_and_kivi(pipes):
 
 
 @pytest.mark.parametrize("spec", ["bilevel:0.2,frames=2,keep=0.2,mass=1",
-                                  "bilevel:0.2,frames=2,keep=0.5,mass=1+kivi:2,group=8,residual=8"])
+                                  "bilevel:0.2,frames=2,keep=0.5,mass=1+kivi:2,group=8,residual=8",
+                                  "bilevel:0.2,frames=2,keep=0.2,prekeep=0.5,mass=1",
+                                  "bilevel:0.2,frames=2,keep=0.3,prekeep=0.6,mass=1+kivi:2,group=8,residual=8"])
 def test_mass_sparse_levels_stand_for_their_chunks_until_brought_back(pipes, spec):
     """mass=1: each chunk's sparse entries carry its whole weight (their exp(logw) sum to the
     chunk's size in every layer and head); a question resets the weights of the chunks it brings
@@ -255,6 +259,56 @@ def test_window_keeps_the_last_chunks_dense_for_the_next(pipes, monkeypatch, win
         assert when[c] >= ends[-1]
 
 
+@pytest.mark.parametrize("mass", [0, 1])
+def test_prekeep_widens_the_prefill_only(pipes, monkeypatch, mass):
+    """prekeep=P: while the video is prefilled, every later chunk sees the top P of each sealed
+    chunk (the sparse level and the next entries by the same ranking), and after the prefill
+    the entries beyond the sparse level join the offloaded level: the encoding holds the same
+    entries per chunk on the device as without prekeep, none of the prefill-only entries, and
+    its sparse level is the top `keep` of what the prefill saw. prekeep=1: the prefill sees every
+    entry, so every stored key is the uncompressed model's."""
+    from mmkv.cache.bilevel.stage import BiLevel
+
+    fam = "qwen2_vl"
+    video = frames_for(fam, n=16, seed=15)
+    seen_during, orig = [], BiLevel.after_forward
+
+    def spy(self, cache, ctx, end, last):
+        orig(self, cache, ctx, end, last)
+        st = ctx.state[(KEY,)]
+        if not st.done:   # entries of sealed chunks the next slice attends to, in layer 0
+            segs = [s for s in cache.layers[0].segments if s.label.endswith(("sparse", "seen"))]
+            seen_during.append((st.sealed, sum(int(s.pos.shape[1]) for s in segs)))
+
+    monkeypatch.setattr(BiLevel, "after_forward", spy)
+    base = f"bilevel:0.3,frames=4,keep=0.2,window=0,mass={mass}"
+    plain_enc = pipes[fam].with_recipe(base).encode(video)
+    plain = _enc_state(plain_enc)
+    seen_during.clear()
+    enc = pipes[fam].with_recipe(base + ",prekeep=0.5").encode(video)
+    st = _enc_state(enc)
+    assert st.keep == plain.keep and all(p >= k for p, k in zip(st.seen, st.keep)) and st.seen != st.keep
+    for sealed, entries in seen_during:
+        assert entries == sum(st.seen[:sealed])
+    assert any(sealed for sealed, _ in seen_during)
+    for idx, layer in enumerate(enc.cache.layers):
+        assert not any(s.label.endswith("seen") for s in layer.segments)
+        assert sum(int(s.pos.shape[1]) for s in st.pool[idx]) == sum(st.keep)
+        rest = sum(int(p.pos.shape[1]) for row in st.dense[idx] for p in row)
+        assert rest == sum(int(n) - k for n, k in zip(st.plan.sizes, st.keep))
+    assert enc.cache.nbytes() == plain_enc.cache.nbytes()          # the same device bytes as without it
+    assert enc.prefill_state["stats"]["bilevel_offloaded_bytes"] == sum(map(sum, plain.dense_bytes))
+
+    full = pipes[fam].encode(video)
+    st = _enc_state(pipes[fam].with_recipe(base + ",prekeep=1.0").encode(video))
+    for idx in range(len(st.pool)):
+        ref = full.cache.layers[idx].keys[0]
+        for p in st.pool[idx] + [st.offload.fetch(p, "cpu") for row in st.dense[idx] for p in row]:
+            k = p.keys.dequantize(torch.float32)[0]
+            for h in range(k.shape[0]):
+                torch.testing.assert_close(k[h], ref[h, p.pos[h].long()].float(), atol=1e-4, rtol=1e-4)
+
+
 def test_share_picks_one_sparse_level_for_every_layer(pipes):
     """share=1: every layer's scores (here key norms, which differ per layer) are replaced by
     their mean over the layers, so every layer and head keeps the same entries of each chunk
@@ -281,6 +335,8 @@ def test_share_picks_one_sparse_level_for_every_layer(pipes):
     ("bilevel:keep=1.5", "count"),
     ("bilevel:cross=window", "cross"),
     ("bilevel:window=-1", "window"),
+    ("bilevel:prekeep=-0.1", "prekeep"),
+    ("bilevel:prekeep=2.5", "count"),
     ("bilevel+vidkv", "mass=0"),                      # the default mass=1 needs kivi's segments
     ("bilevel:offload=gpu", "offload"),
 ])

@@ -11,7 +11,11 @@ Encode (query-agnostic, once per video):
    `window=W` (Video-XL-2's local window: its prefill sees the previous chunks densely) keeps
    the last W chunks dense for the chunk being prefilled: chunk c is sealed once chunk c + W is
    prefilled, so the prefill still grows linearly (W chunks more per chunk) and the device holds
-   W chunks more during the prefill only.
+   W chunks more during the prefill only. `prekeep=P` (> keep) lets the later chunks' prefill see
+   the top P of each sealed chunk instead of its top `keep` (the same ranking: the sparse level
+   and the next entries); the entries beyond `keep` join the offloaded level when the prefill
+   ends, so the encoding is the same size, and the device holds P instead of `keep` of the
+   sealed chunks during the prefill only.
 2. Two levels per chunk, sealed right after its prefill, per layer: the sparse level, the top
    `keep` entries per KV head by a query-agnostic score (`sparse`, see sparse.py), stays on the
    device; the rest of the chunk (its complement: the dense level minus the sparse entries) is
@@ -93,6 +97,7 @@ class Encoding:
 
     plan: ChunkPlan
     keep: list[int]                      # sparse entries per chunk (per KV head)
+    seen: list[int]                      # entries per chunk the later chunks' prefill sees (>= keep)
     quantizer: Any
     offload: Offload
     scorer: Any
@@ -102,6 +107,9 @@ class Encoding:
     pool: list = field(default_factory=list)         # [layer] device segments of all sparse levels
     summary: list = field(default_factory=list)      # [layer] [H, C, 2|1, D] or None
     chunk_summaries: list = field(default_factory=list)  # [layer] per-chunk summaries while sealing
+    extra: list = field(default_factory=list)        # [layer] (chunk, parts to offload): seen but not kept
+    seen_pool: list = field(default_factory=list)    # [layer] device segments of those, during the prefill
+    final_w: list = field(default_factory=list)      # [layer] [H, L] sparse log-weights after the prefill, or None
     sealed: int = 0                      # chunks sealed (in order), the same in every layer
     done: bool = False
 
@@ -127,7 +135,9 @@ class BiLevel(KVPress):
     complement's share of the attention (merge=mass, mmkv/cache/mass.py). share: each layer's
     scores mixed with their mean over the layers (the eviction presses' share). window: chunks
     before each chunk that its prefill attends densely (cross=sparse; with cross=dense every chunk is
-    seen densely and it changes nothing). Module docstring: details.
+    seen densely and it changes nothing). prekeep: the share of each sealed chunk the later
+    chunks' prefill sees (> keep; 0 = keep), offloaded beyond keep after the prefill. Module
+    docstring: details.
     """
 
     name: ClassVar[str] = "bilevel"
@@ -148,6 +158,7 @@ class BiLevel(KVPress):
     mass: bool = True
     share: float = 1.0
     window: int = 3
+    prekeep: float = 0.0
 
     def validate(self):
         check(self.frames >= 1, f"bilevel: frames must be >= 1, got {self.frames}")
@@ -160,6 +171,9 @@ class BiLevel(KVPress):
         check(self.cross in ("sparse", "dense"), f"bilevel: cross must be 'sparse' or 'dense', got {self.cross!r}")
         check(self.offload in ("cpu", "disk"), f"bilevel: offload must be 'cpu' or 'disk', got {self.offload!r}")
         check(self.window >= 0, f"bilevel: window must be >= 0 (chunks seen densely), got {self.window}")
+        check(self.prekeep >= 0, f"bilevel: prekeep must be >= 0 (0: the sparse level), got {self.prekeep}")
+        check(self.prekeep <= 1 or float(self.prekeep).is_integer(),
+              f"bilevel: prekeep > 1 is a count, got {self.prekeep}")
         check(0 <= self.share <= 1, f"bilevel: share must be in [0, 1], got {self.share}")
         check(not (self.share and self.sparse == "uniform"), "bilevel: share mixes scores; sparse=uniform has none")
         if self.sparse not in BUILTIN:
@@ -189,12 +203,16 @@ class BiLevel(KVPress):
         quantizer = next((s for s in recipe.kv if getattr(s, "quantizes", False)), None) if recipe else None
         plan = plan_chunks(ctx.token_type, visual, adapter.frames_per_chunk(self.frames), adapter.temporal_patch)
         n_layers = adapter.num_layers
-        enc = Encoding(plan, plan.counts(self.keep), quantizer, Offload(self.offload, self.dir or None),
+        keep = plan.counts(self.keep)
+        seen = [max(k, p) for k, p in zip(keep, plan.counts(self.prekeep))] if self.prekeep > 0 else list(keep)
+        enc = Encoding(plan, keep, seen, quantizer, Offload(self.offload, self.dir or None),
                        make_scorer(self.sparse), n_layers,
                        dense=[[None] * plan.n for _ in range(n_layers)],
                        dense_bytes=[[0] * plan.n for _ in range(n_layers)],
                        pool=[[] for _ in range(n_layers)], summary=[None] * n_layers,
-                       chunk_summaries=[[] for _ in range(n_layers)])
+                       chunk_summaries=[[] for _ in range(n_layers)],
+                       extra=[[] for _ in range(n_layers)], seen_pool=[[] for _ in range(n_layers)],
+                       final_w=[None] * n_layers)
         ctx.state[(KEY,)] = enc
         ctx.stats.update(bilevel_chunks=plan.n, bilevel_chunk_frames=plan.frames,
                          bilevel_chunk_spans=[list(s) for s in plan.spans],
@@ -262,6 +280,10 @@ class BiLevel(KVPress):
         mean = {c: torch.stack([s.mean(0).cpu() for (_, cc), s in per.items() if cc == c]).mean(0) for c in chunks}
         return {(idx, c): (1 - self.share) * s + self.share * mean[c].to(s.device) for (idx, c), s in per.items()}
 
+    def _select(self, enc: Encoding, shared: dict, idx: int, c: int, K, V, P, k: int, ctx) -> torch.Tensor:
+        """[H, k] ascending indices of chunk c's top k entries in layer idx."""
+        return select_top(shared[(idx, c)], k) if shared else enc.scorer.select(idx, K, V, P, k, ctx)
+
     def _seal(self, cache, ctx, enc: Encoding, chunks: range) -> None:
         plan = enc.plan
         shared = self._shared_scores(cache, ctx, enc, chunks) if self.share > 0 else {}
@@ -269,7 +291,7 @@ class BiLevel(KVPress):
             if not layer.is_initialized:
                 continue
             drop = torch.zeros_like(layer.pos[0], dtype=torch.bool)
-            new_sparse = []
+            new_sparse, new_extra = [], []
             for c in chunks:
                 s, e = int(plan.starts[c]), int(plan.ends[c])
                 inside, rows = self._chunk_rows(layer, idx, plan, c)
@@ -277,19 +299,43 @@ class BiLevel(KVPress):
                 K = layer.keys.index_select(2, rows)                         # [B, H, n, D]
                 V = layer.values.index_select(2, rows)
                 P = layer.pos.index_select(1, rows)                          # [H, n]
-                n, k = e - s, enc.keep[c]
+                n, k, pk = e - s, enc.keep[c], enc.seen[c]
                 h = P.shape[0]
-                if k >= n:
-                    sel = torch.arange(n, device=P.device).expand(h, n)
-                else:
-                    sel = select_top(shared[(idx, c)], k) if shared else enc.scorer.select(idx, K, V, P, k, ctx)
+                every = torch.arange(n, device=P.device).expand(h, n)
+                seen = every if pk >= n else self._select(enc, shared, idx, c, K, V, P, pk, ctx)  # [H, pk]
+                if k >= seen.shape[1]:
+                    sel = seen
+                else:   # the sparse level: the top k of the entries the prefill sees
+                    sub = {(idx, c): shared[(idx, c)].gather(1, seen)} if shared else {}
+                    sel = seen.gather(1, self._select(enc, sub, idx, c, _take(K, seen), _take(V, seen),
+                                                      P.gather(1, seen), k, ctx))
                 rest = torch.ones(h, n, dtype=torch.bool, device=P.device).scatter_(1, sel, False)
-                comp = rest.nonzero()[:, 1].view(h, n - k)                   # [H, n - k] ascending
+                comp = rest.nonzero()[:, 1].view(h, n - sel.shape[1])            # [H, n - k] ascending
+                unseen = comp
+                if seen.shape[1] > sel.shape[1]:   # prekeep: seen by the prefill, offloaded after it
+                    far = torch.ones(h, n, dtype=torch.bool, device=P.device).scatter_(1, seen, False)
+                    unseen = far.nonzero()[:, 1].view(h, n - seen.shape[1])
+                    extra = (rest & ~far).nonzero()[:, 1].view(h, seen.shape[1] - sel.shape[1])
                 # mass: the sparse entries stand for the complement too (a log-count each), until
-                # a question brings the chunk back dense (prepare zeroes them then)
-                w = mass_merge(K, sel, comp) if self.mass and k < n else None
+                # a question brings the chunk back dense (prepare zeroes them then); during the
+                # prefill the entries it sees stand for the ones it does not
+                w = mass_merge(K, sel, comp) if self.mass and sel.shape[1] < n else None
+                if w is not None and self.prekeep > 0:   # the weights after the prefill, by sequence index
+                    if enc.final_w[idx] is None:
+                        enc.final_w[idx] = torch.zeros(h, int(plan.ends[-1]), dtype=torch.float32)
+                    enc.final_w[idx].scatter_(1, P.gather(1, sel).long().cpu(), w.float().cpu())
+                if unseen is not comp:
+                    w_pre = (mass_merge(K, seen, unseen) if self.mass and unseen.shape[1] else
+                             torch.zeros(seen.shape, device=K.device) if self.mass else None)
+                    if w is not None:
+                        w = torch.zeros(h, n, device=K.device).scatter_(1, seen, w_pre).gather(1, sel)
+                    ew = None if w_pre is None else torch.zeros(h, n, device=K.device).scatter_(1, seen, w_pre).gather(1, extra)
+                    dev = pack_level(_take(K, extra), _take(V, extra), P.gather(1, extra), None, "seen", ew)
+                    off = pack_level(_take(K, extra), _take(V, extra), P.gather(1, extra), enc.quantizer, "dense")
+                    enc.extra[idx].append((c, off))
+                    new_extra += dev
                 new_sparse += pack_level(_take(K, sel), _take(V, sel), P.gather(1, sel), enc.quantizer, "sparse", w)
-                dense = pack_level(_take(K, comp), _take(V, comp), P.gather(1, comp), enc.quantizer, "dense")
+                dense = pack_level(_take(K, unseen), _take(V, unseen), P.gather(1, unseen), enc.quantizer, "dense")
                 enc.dense_bytes[idx][c] = sum(p.nbytes for p in dense)
                 enc.dense[idx][c] = [enc.offload.put(p) for p in dense]
                 summ = summarize(self.score, K)
@@ -298,11 +344,27 @@ class BiLevel(KVPress):
             keep_rows = (~drop).nonzero().squeeze(1)
             layer.set_residual(layer.keys.index_select(2, keep_rows), layer.values.index_select(2, keep_rows),
                                layer.pos.index_select(1, keep_rows))
-            old = enc.pool[idx]
-            enc.pool[idx] = join(old + new_sparse)
-            layer.segments = [s for s in layer.segments if not any(s is o for o in old)] + enc.pool[idx]
+            old = enc.pool[idx] + enc.seen_pool[idx]
+            enc.pool[idx] = join(enc.pool[idx] + new_sparse)
+            enc.seen_pool[idx] = join(enc.seen_pool[idx] + new_extra)
+            layer.segments = ([s for s in layer.segments if not any(s is o for o in old)]
+                              + enc.pool[idx] + enc.seen_pool[idx])
 
     def _finish(self, cache, ctx, enc: Encoding) -> None:
+        for idx, layer in enumerate(cache.layers):   # prekeep: the entries only the prefill saw go offload
+            if not enc.extra[idx]:
+                continue
+            gone = enc.seen_pool[idx]
+            for c, off in enc.extra[idx]:
+                enc.dense_bytes[idx][c] += sum(p.nbytes for p in off)
+                enc.dense[idx][c] = enc.dense[idx][c] + [enc.offload.put(p) for p in off]
+            old = enc.pool[idx]
+            if enc.final_w[idx] is not None:   # the sparse entries now stand for the whole complement
+                fw = enc.final_w[idx]
+                enc.pool[idx] = [dataclasses.replace(p, logw=fw.to(p.logw.device).gather(1, p.pos.long().to(p.logw.device)))
+                                 if getattr(p, "logw", None) is not None else p for p in old]
+            layer.segments = [s for s in layer.segments if not any(s is o for o in old + gone)] + enc.pool[idx]
+        enc.extra, enc.seen_pool, enc.final_w = [], [], []
         for idx in range(enc.num_layers):
             if enc.chunk_summaries[idx]:
                 enc.summary[idx] = torch.stack(enc.chunk_summaries[idx], 1)  # [H, C, 2|1, D]
