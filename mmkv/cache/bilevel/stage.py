@@ -109,7 +109,7 @@ class Encoding:
     chunk_summaries: list = field(default_factory=list)  # [layer] per-chunk summaries while sealing
     extra: list = field(default_factory=list)        # [layer] (chunk, parts to offload): seen but not kept
     seen_pool: list = field(default_factory=list)    # [layer] device segments of those, during the prefill
-    final_w: list = field(default_factory=list)      # [layer] [H, L] sparse log-weights after the prefill, or None
+    final_w: list = field(default_factory=list)      # [layer] [(pos [H, k], logw [H, k])]: after the prefill
     sealed: int = 0                      # chunks sealed (in order), the same in every layer
     done: bool = False
 
@@ -212,7 +212,7 @@ class BiLevel(KVPress):
                        pool=[[] for _ in range(n_layers)], summary=[None] * n_layers,
                        chunk_summaries=[[] for _ in range(n_layers)],
                        extra=[[] for _ in range(n_layers)], seen_pool=[[] for _ in range(n_layers)],
-                       final_w=[None] * n_layers)
+                       final_w=[[] for _ in range(n_layers)])
         ctx.state[(KEY,)] = enc
         ctx.stats.update(bilevel_chunks=plan.n, bilevel_chunk_frames=plan.frames,
                          bilevel_chunk_spans=[list(s) for s in plan.spans],
@@ -320,10 +320,9 @@ class BiLevel(KVPress):
                 # a question brings the chunk back dense (prepare zeroes them then); during the
                 # prefill the entries it sees stand for the ones it does not
                 w = mass_merge(K, sel, comp) if self.mass and sel.shape[1] < n else None
-                if w is not None and self.prekeep > 0:   # the weights after the prefill, by sequence index
-                    if enc.final_w[idx] is None:
-                        enc.final_w[idx] = torch.zeros(h, int(plan.ends[-1]), dtype=torch.float32)
-                    enc.final_w[idx].scatter_(1, P.gather(1, sel).long().cpu(), w.float().cpu())
+                if self.mass and self.prekeep > 0:   # the weights after the prefill, with their entries
+                    fin = w if w is not None else torch.zeros(sel.shape)
+                    enc.final_w[idx].append((P.gather(1, sel).long().cpu(), fin.float().cpu()))
                 if unseen is not comp:
                     w_pre = (mass_merge(K, seen, unseen) if self.mass and unseen.shape[1] else
                              torch.zeros(seen.shape, device=K.device) if self.mass else None)
@@ -359,10 +358,11 @@ class BiLevel(KVPress):
                 enc.dense_bytes[idx][c] += sum(p.nbytes for p in off)
                 enc.dense[idx][c] = enc.dense[idx][c] + [enc.offload.put(p) for p in off]
             old = enc.pool[idx]
-            if enc.final_w[idx] is not None:   # the sparse entries now stand for the whole complement
-                fw = enc.final_w[idx]
-                enc.pool[idx] = [dataclasses.replace(p, logw=fw.to(p.logw.device).gather(1, p.pos.long().to(p.logw.device)))
-                                 if getattr(p, "logw", None) is not None else p for p in old]
+            if enc.final_w[idx]:   # the sparse entries now stand for the whole complement
+                pos, order = torch.cat([p for p, _ in enc.final_w[idx]], 1).sort(1)
+                w = torch.cat([w for _, w in enc.final_w[idx]], 1).gather(1, order)
+                enc.pool[idx] = [p if getattr(p, "logw", None) is None else dataclasses.replace(
+                    p, logw=_by_pos(pos, w, p.pos).to(p.logw.device)) for p in old]
             layer.segments = [s for s in layer.segments if not any(s is o for o in old + gone)] + enc.pool[idx]
         enc.extra, enc.seen_pool, enc.final_w = [], [], []
         for idx in range(enc.num_layers):
@@ -446,6 +446,16 @@ def _unweigh(seg, plan, chosen: list[int]):
     back[torch.tensor(chosen, dtype=torch.long, device=w.device)] = True
     c = plan.chunk_of(seg.pos.to(w.device))
     return dataclasses.replace(seg, logw=w.masked_fill((c >= 0) & back[c.clamp_min(0)], 0.0))
+
+
+def _by_pos(pos: torch.Tensor, w: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """w [H, n] of the entries at sequence indices pos [H, n] (ascending per head), read at the
+    indices `at` [H, m] (each one of pos)."""
+    at = at.long().cpu()
+    j = torch.searchsorted(pos, at).clamp_max(pos.shape[1] - 1)
+    if not torch.equal(pos.gather(1, j), at):
+        raise RuntimeError("bilevel: a sparse entry has no weight after the prefill")
+    return w.gather(1, j)
 
 
 def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
