@@ -298,6 +298,8 @@ def test_prekeep_widens_the_prefill_only(pipes, monkeypatch, mass):
         assert rest == sum(int(n) - k for n, k in zip(st.plan.sizes, st.keep))
     assert enc.cache.nbytes() == plain_enc.cache.nbytes()          # the same device bytes as without it
     assert enc.prefill_state["stats"]["bilevel_offloaded_bytes"] == sum(map(sum, plain.dense_bytes))
+    peak, plain_peak = (e.prefill_state["stats"]["bilevel_prefill_peak_device_bytes"] for e in (enc, plain_enc))
+    assert peak > plain_peak >= plain_enc.cache.nbytes()                # the wider view costs device bytes
 
     full = pipes[fam].encode(video)
     st = _enc_state(pipes[fam].with_recipe(base + ",prekeep=1.0").encode(video))

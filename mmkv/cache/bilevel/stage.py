@@ -107,10 +107,10 @@ class Encoding:
     pool: list = field(default_factory=list)         # [layer] device segments of all sparse levels
     summary: list = field(default_factory=list)      # [layer] [H, C, 2|1, D] or None
     chunk_summaries: list = field(default_factory=list)  # [layer] per-chunk summaries while sealing
-    extra: list = field(default_factory=list)        # [layer] (chunk, parts to offload): seen but not kept
-    seen_pool: list = field(default_factory=list)    # [layer] device segments of those, during the prefill
+    seen_pool: list = field(default_factory=list)    # [layer] device segments seen by the prefill, not kept
     final_w: list = field(default_factory=list)      # [layer] [(pos [H, k], logw [H, k])]: after the prefill
     sealed: int = 0                      # chunks sealed (in order), the same in every layer
+    peak: int = 0                        # device KV bytes at the prefill's peak
     done: bool = False
 
     def summary_bytes(self) -> int:
@@ -211,7 +211,7 @@ class BiLevel(KVPress):
                        dense_bytes=[[0] * plan.n for _ in range(n_layers)],
                        pool=[[] for _ in range(n_layers)], summary=[None] * n_layers,
                        chunk_summaries=[[] for _ in range(n_layers)],
-                       extra=[[] for _ in range(n_layers)], seen_pool=[[] for _ in range(n_layers)],
+                       seen_pool=[[] for _ in range(n_layers)],
                        final_w=[[] for _ in range(n_layers)])
         ctx.state[(KEY,)] = enc
         ctx.stats.update(bilevel_chunks=plan.n, bilevel_chunk_frames=plan.frames,
@@ -240,6 +240,7 @@ class BiLevel(KVPress):
         enc = ctx.state.get((KEY,))
         if enc is None or enc.done:
             return
+        enc.peak = max(enc.peak, cache.nbytes())
         ends = enc.plan.ends.tolist()
         if self.cross == "sparse":
             upto = enc.sealed
@@ -252,6 +253,7 @@ class BiLevel(KVPress):
         if upto > enc.sealed:
             self._seal(cache, ctx, enc, range(enc.sealed, upto))
             enc.sealed = upto
+            enc.peak = max(enc.peak, cache.nbytes())
         if last and enc.sealed >= enc.plan.n:
             self._finish(cache, ctx, enc)
 
@@ -311,8 +313,8 @@ class BiLevel(KVPress):
                                                       P.gather(1, seen), k, ctx))
                 rest = torch.ones(h, n, dtype=torch.bool, device=P.device).scatter_(1, sel, False)
                 comp = rest.nonzero()[:, 1].view(h, n - sel.shape[1])            # [H, n - k] ascending
-                unseen = comp
-                if seen.shape[1] > sel.shape[1]:   # prekeep: seen by the prefill, offloaded after it
+                unseen, wide = comp, seen.shape[1] > sel.shape[1]
+                if wide:   # prekeep: seen by the prefill, offloaded (and off the device after it)
                     far = torch.ones(h, n, dtype=torch.bool, device=P.device).scatter_(1, seen, False)
                     unseen = far.nonzero()[:, 1].view(h, n - seen.shape[1])
                     extra = (rest & ~far).nonzero()[:, 1].view(h, seen.shape[1] - sel.shape[1])
@@ -323,18 +325,17 @@ class BiLevel(KVPress):
                 if self.mass and self.prekeep > 0:   # the weights after the prefill, with their entries
                     fin = w if w is not None else torch.zeros(sel.shape)
                     enc.final_w[idx].append((P.gather(1, sel).long().cpu(), fin.float().cpu()))
-                if unseen is not comp:
-                    w_pre = (mass_merge(K, seen, unseen) if self.mass and unseen.shape[1] else
-                             torch.zeros(seen.shape, device=K.device) if self.mass else None)
-                    if w is not None:
-                        w = torch.zeros(h, n, device=K.device).scatter_(1, seen, w_pre).gather(1, sel)
-                    ew = None if w_pre is None else torch.zeros(h, n, device=K.device).scatter_(1, seen, w_pre).gather(1, extra)
-                    dev = pack_level(_take(K, extra), _take(V, extra), P.gather(1, extra), None, "seen", ew)
-                    off = pack_level(_take(K, extra), _take(V, extra), P.gather(1, extra), enc.quantizer, "dense")
-                    enc.extra[idx].append((c, off))
-                    new_extra += dev
+                ew = None
+                if wide and self.mass:   # during the prefill, the seen entries stand for the unseen ones
+                    w_pre = mass_merge(K, seen, unseen) if unseen.shape[1] else torch.zeros(seen.shape, device=K.device)
+                    by_entry = torch.zeros(h, n, device=K.device).scatter_(1, seen, w_pre)
+                    w, ew = by_entry.gather(1, sel), by_entry.gather(1, extra)
+                if wide:
+                    new_extra += pack_level(_take(K, extra), _take(V, extra), P.gather(1, extra), None, "seen", ew)
                 new_sparse += pack_level(_take(K, sel), _take(V, sel), P.gather(1, sel), enc.quantizer, "sparse", w)
                 dense = pack_level(_take(K, unseen), _take(V, unseen), P.gather(1, unseen), enc.quantizer, "dense")
+                if wide:   # the offloaded level holds the seen entries too (read only at a question)
+                    dense += pack_level(_take(K, extra), _take(V, extra), P.gather(1, extra), enc.quantizer, "dense")
                 enc.dense_bytes[idx][c] = sum(p.nbytes for p in dense)
                 enc.dense[idx][c] = [enc.offload.put(p) for p in dense]
                 summ = summarize(self.score, K)
@@ -350,13 +351,10 @@ class BiLevel(KVPress):
                               + enc.pool[idx] + enc.seen_pool[idx])
 
     def _finish(self, cache, ctx, enc: Encoding) -> None:
-        for idx, layer in enumerate(cache.layers):   # prekeep: the entries only the prefill saw go offload
-            if not enc.extra[idx]:
-                continue
+        for idx, layer in enumerate(cache.layers):   # prekeep: the entries only the prefill saw leave the device
             gone = enc.seen_pool[idx]
-            for c, off in enc.extra[idx]:
-                enc.dense_bytes[idx][c] += sum(p.nbytes for p in off)
-                enc.dense[idx][c] = enc.dense[idx][c] + [enc.offload.put(p) for p in off]
+            if not gone:
+                continue
             old = enc.pool[idx]
             if enc.final_w[idx]:   # the sparse entries now stand for the whole complement
                 pos, order = torch.cat([p for p, _ in enc.final_w[idx]], 1).sort(1)
@@ -364,7 +362,7 @@ class BiLevel(KVPress):
                 enc.pool[idx] = [p if getattr(p, "logw", None) is None else dataclasses.replace(
                     p, logw=_by_pos(pos, w, p.pos).to(p.logw.device)) for p in old]
             layer.segments = [s for s in layer.segments if not any(s is o for o in old + gone)] + enc.pool[idx]
-        enc.extra, enc.seen_pool, enc.final_w = [], [], []
+        enc.seen_pool, enc.final_w = [], []
         for idx in range(enc.num_layers):
             if enc.chunk_summaries[idx]:
                 enc.summary[idx] = torch.stack(enc.chunk_summaries[idx], 1)  # [H, C, 2|1, D]
@@ -375,6 +373,7 @@ class BiLevel(KVPress):
                          bilevel_summary_bytes=enc.summary_bytes(),
                          bilevel_summary_elements=sum(t.numel() for t in enc.summary if t is not None),
                          bilevel_encoded_device_bytes=cache.nbytes() + enc.summary_bytes(),
+                         bilevel_prefill_peak_device_bytes=max(enc.peak, cache.nbytes()),
                          bilevel_sparse_entries=sum(enc.keep))
 
     def compress(self, cache, ctx) -> None:
