@@ -51,7 +51,9 @@ def test_uniform_allocation_keeps_the_same_fraction_in_every_crop(hires_dir, ima
     assert patches_per_view(uni.visual) == [9] * 10
     ratios = thumb.stats.extra["globalcom2_crop_ratios"]
     assert ratios != [0.25] * 9                                          # the default allocates from the thumbnail
-    assert patches_per_view(thumb.visual) == [9] + [int(36 * r) for r in ratios]
+    kept = patches_per_view(thumb.visual)
+    assert kept[0] == 9                             # each crop keeps floor(36 x its ratio); the stat is rounded to 4 digits
+    assert all(int(36 * r - 1e-3) <= k <= int(36 * r + 1e-3) for k, r in zip(kept[1:], ratios)), (kept, ratios)
     is_thumb = lambda vt: vt.coords[:, 0] == 0                           # noqa: E731 same thumbnail either way
     assert torch.equal(thumb.visual.index[is_thumb(thumb.visual)], uni.visual.index[is_thumb(uni.visual)])
     with pytest.raises(mmkv.RecipeError, match="allocation"):

@@ -114,3 +114,26 @@ def test_dataset_round_trips_through_png(tmp_path):
 @pytest.mark.parametrize("seed", [0, 1_000_000])
 def test_any_seed_works(seed):
     assert len(make_hires_example(seed).questions) == 3
+
+
+def test_each_crop_token_can_read_its_crop_from_its_own_pixels():
+    """The per-crop tint: in every 14 px cell without an object, the background's red and blue
+    excess over green gives the crop's column and row (the objects' colours are untouched)."""
+    from mmkv.synthetic.hires import TINT
+
+    for seed in range(6):
+        ex = make_hires_example(9_000 + seed)
+        f = ex.image.astype(float)
+        used = {it.cell for it in ex.items}
+        n = SIZE // CELL
+        for gy in range(n):
+            for gx in range(n):
+                if (gy, gx) in used:
+                    continue
+                cell = f[gy * CELL:(gy + 1) * CELL, gx * CELL:(gx + 1) * CELL]
+                r, g, b = cell[..., 0], cell[..., 1], cell[..., 2]
+                col = int(round(float(np.median(r - g)) / TINT))
+                row = int(round(float(np.median(b - g)) / TINT))
+                assert (row, col) == (gy * CELL // CROP, gx * CELL // CROP), (seed, gy, gx)
+        for it in ex.items:
+            assert tuple(ex.image[it.y, it.x]) == COLORS[it.color]

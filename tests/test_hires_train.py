@@ -139,7 +139,7 @@ def test_stage_one_and_frozen_tower(tmp_path):
     train_hires.main(["--steps", "1", "--batch", "2", "--eval-n", "0", "--final-n", "0", "--out", out2,
                       "--vision-steps", "2", *THREADS])
     card = json.load(open(os.path.join(out2, "mmkv.json")))
-    assert card["vision_stage"]["steps"] == 2 and set(card["vision_stage"]["token_accuracy"]) == {"color", "shape", "none"}
+    assert card["vision_stage"]["steps"] == 2 and set(card["vision_stage"]["token_accuracy"]) == {"color", "shape", "none", "crop"}
 
 
 def test_head_size_and_rope_base_are_config_choices(tmp_path):
@@ -157,3 +157,22 @@ def test_head_size_and_rope_base_are_config_choices(tmp_path):
     assert (default.num_attention_heads, default.rope_parameters["rope_theta"]) == (4, 10000.0)
     with pytest.raises(ValueError, match="heads"):
         train_hires.build_model(0, heads=3)
+
+
+def test_view_position_labels_are_the_crop_each_token_shows():
+    """The stage-1 crop labels of every view token (thumbnail included) are the crop of the image
+    part the token covers: the crop whose tint its pixels carry."""
+    from mmkv.synthetic.hires import CROP, GRID, SIZE, crop_tint
+
+    rows, cols = train_hires.view_positions()
+    side = train_hires.SIDE
+    for v in range(1 + GRID * GRID):
+        for t in range(side * side):
+            i, j = divmod(t, side)
+            if v == 0:                                # thumbnail: token (i, j) covers SIZE / side px
+                y, x = (i + 0.5) * SIZE / side, (j + 0.5) * SIZE / side
+            else:
+                y = (v - 1) // GRID * CROP + (i + 0.5) * CROP / side
+                x = (v - 1) % GRID * CROP + (j + 0.5) * CROP / side
+            assert (int(rows[v, t]), int(cols[v, t])) == (int(y // CROP), int(x // CROP)), (v, t)
+    assert crop_tint(2, 1) == (train_hires.TINT_STEP, 0, 2 * train_hires.TINT_STEP)

@@ -2,7 +2,9 @@
 questions of `mmkv.synthetic.hires` (locate, describe, count) about a 252 px image seen as an
 AnyRes thumbnail plus 3 x 3 crops, one question at a time or in one conversation.
 
-    python tools/train_hires.py                                   # -> mmkv/assets/mmkv-hires
+    python tools/train_hires.py --vision-steps 300 --freeze-vision --rank-aux 0.5 --attn-sup 1 \
+        --heads 2 --kv-heads 2 --attn-sup-heads 0 --rope-theta 1e6 --steps 3200 --time-limit 32 \
+        --threads 2 --eval-every 400                              # -> mmkv/assets/mmkv-hires (run C, 29 min)
     python tools/train_hires.py --steps 40 --out /tmp/m --eval-n 0     # a quick run
 
 The model is a real LLaVA-OneVision (saved with save_pretrained, loaded by mmkv through
@@ -12,9 +14,9 @@ visual tokens; decoder hidden 128, 4 layers, 4 heads over 2 KV heads. Training s
 whole conversations (the image, question 1, answer 1, question 2, ...), built with the model's
 own chat template through the mmkv adapter (the same token ids mmkv feeds at inference); the loss
 is on the answer tokens and the end-of-turn token, plus training-only auxiliary heads: the colour
-and shape drawn in each visual token (on the projector's output), and which crop row and column
-each crop token lies in (on the decoder's hidden state after layer 2; the decoder has 1-D
-positions only, so "top left" must be learnt from where a token sits in the sequence).
+and shape drawn in each visual token and the crop it shows (on the projector's output: the crop is
+read from the task's per-crop background tint, mmkv.synthetic.hires.tint), and which crop row and
+column each crop token lies in (on the decoder's hidden state after layer 2).
 
 What the long-video model needed carries over as options (docs/model.md): `--vision-steps N`
 trains the tower and projector alone first on what each token shows, `--freeze-vision` keeps them
@@ -50,6 +52,8 @@ from mmkv.models.tiny import make_tiny  # noqa: E402
 from mmkv.synthetic import SHAPES  # noqa: E402
 from mmkv.synthetic.hires import (CELL, COLS, CROP, GRID, KINDS, ROWS, SIZE, make_hires_example,  # noqa: E402
                                   question_text)
+from mmkv.synthetic.hires import TINT as TINT_STEP  # noqa: E402
+from mmkv.synthetic.hires import VERSION as HIRES_VERSION  # noqa: E402
 from mmkv.synthetic.long import COLORS, PLURAL  # noqa: E402
 
 DEFAULT_OUT = os.path.join(os.path.dirname(__file__), "..", "mmkv", "assets", "mmkv-hires")
@@ -235,6 +239,17 @@ def check_pixels(batcher: HiresBatcher, proc) -> None:
     torch.testing.assert_close(batcher.pixels([ex.image]), ref["pixel_values"], atol=1e-5, rtol=1e-5)
 
 
+def view_positions() -> tuple[torch.Tensor, torch.Tensor]:
+    """[1 + GRID^2, SIDE^2] each: the crop row and column of the part of the image each view token
+    shows (the thumbnail's token (i, j) covers crop (i, j) // (SIDE / GRID); a crop's tokens, that
+    crop), read from the per-crop tint (mmkv.synthetic.hires.tint)."""
+    i = torch.arange(SIDE * SIDE)
+    per = SIDE // GRID
+    rows = [i // SIDE // per] + [torch.full_like(i, v // GRID) for v in range(GRID * GRID)]
+    cols = [i % SIDE // per] + [torch.full_like(i, v % GRID) for v in range(GRID * GRID)]
+    return torch.stack(rows), torch.stack(cols)
+
+
 class AuxHeads(torch.nn.Module):
     """Training-only heads (never saved): the colour and shape in each visual token (projector
     output; object and background tokens averaged apart, as an object is one token of ~40), the
@@ -248,10 +263,15 @@ class AuxHeads(torch.nn.Module):
         self.shape = torch.nn.Linear(d, len(SHAPES) + 1)
         self.row = torch.nn.Linear(d, GRID)
         self.col = torch.nn.Linear(d, GRID)
+        self.vrow = torch.nn.Linear(d, GRID)      # the crop row / column each visual token shows (the tint)
+        self.vcol = torch.nn.Linear(d, GRID)
         self.rank = torch.nn.Linear(d, GRID * GRID + 1) if rank else None
         self.rank_w = rank
         self.register_buffer("crop_row", batcher.crop_row.clone())
         self.register_buffer("crop_col", batcher.crop_col.clone())
+        vr, vc = view_positions()
+        self.register_buffer("view_row", vr)
+        self.register_buffer("view_col", vc)
         self.visual = None
         model.model.multi_modal_projector.register_forward_hook(lambda m, i, o: setattr(self, "visual", o))
 
@@ -262,10 +282,15 @@ class AuxHeads(torch.nn.Module):
         obj, m = aux["color"] > 0, aux["shape"] > 0
         pc, ps = self.color(v), self.shape(v[m])
         loss = f(pc[obj], aux["color"][obj]) + f(pc[~obj], aux["color"][~obj]) + f(ps, aux["shape"][m])
+        b = v.shape[0] // self.view_row.numel()
+        pr, pcol = self.vrow(v), self.vcol(v)
+        vr, vc = self.view_row.flatten().repeat(b), self.view_col.flatten().repeat(b)
+        loss = loss + f(pr, vr) + f(pcol, vc)
         with torch.no_grad():
             acc = {"color": (pc[obj].argmax(-1) == aux["color"][obj]).float().mean().item(),
                    "shape": (ps.argmax(-1) == aux["shape"][m]).float().mean().item(),
-                   "none": (pc[~obj].argmax(-1) == 0).float().mean().item()}
+                   "none": (pc[~obj].argmax(-1) == 0).float().mean().item(),
+                   "crop": ((pr.argmax(-1) == vr) & (pcol.argmax(-1) == vc)).float().mean().item()}
         return loss, acc
 
     def loss(self, aux: dict, hidden: torch.Tensor) -> torch.Tensor:
@@ -289,7 +314,8 @@ def pretrain_vision(model, batcher: HiresBatcher, heads: AuxHeads, steps: int, s
     model's first bottleneck, docs/model.md). Returns the last step's token accuracies."""
     cfg = model.config
     params = (list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
-              + list(heads.color.parameters()) + list(heads.shape.parameters()))
+              + list(heads.color.parameters()) + list(heads.shape.parameters())
+              + list(heads.vrow.parameters()) + list(heads.vcol.parameters()))
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     acc: dict = {}
     for step in range(steps):
@@ -452,6 +478,7 @@ def main(argv: list[str] | None = None) -> dict:
     model.save_pretrained(args.out)
     proc.save_pretrained(args.out)
     card = {"trained": True, "architecture": "LlavaOnevisionForConditionalGeneration", "params": n_params,
+            "task_version": HIRES_VERSION,
             "task": "mmkv.synthetic.hires: locate, describe and count questions about a needle in one of "
                     "3 x 3 AnyRes crops, open answers, one at a time or in one conversation",
             "prompt": f"the question alone after the image; {SIZE}x{SIZE} images, {CROP} px views: "

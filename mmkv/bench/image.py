@@ -188,6 +188,7 @@ def main(args, protocol: str) -> int:
     """The `--task image` branch of `mmkv bench quality` (arguments as parsed there)."""
     from ..errors import InputError
     from ..models.loading import CACHE_DIR
+    from ..synthetic.hires import VERSION
 
     if args.frames not in (None, 1):
         raise InputError("--frames is for videos; the image task has one image per question set (leave it out)")
@@ -195,7 +196,7 @@ def main(args, protocol: str) -> int:
     recipes = RECIPES if not args.recipes else [(r.strip(), r.strip()) for r in args.recipes.split(";") if r.strip()]
     from .quality import check_before_data
     check_before_data(model, recipes)
-    data_dir = args.data_dir or os.path.join(CACHE_DIR, f"hires_heldout_{args.seed}")
+    data_dir = args.data_dir or os.path.join(CACHE_DIR, f"hires_v{VERSION}_heldout_{args.seed}")
     images = dataset(data_dir, n, args.seed)
     records = (args.json + ".records.jsonl") if args.json else os.path.join(data_dir, f"records_{protocol}.jsonl")
     print(f"model {model}; {len(images)} held-out images, {3 * len(images)} questions (seed {args.seed}); "

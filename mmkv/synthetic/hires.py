@@ -12,7 +12,13 @@ saturated objects are drawn, one per crop, each a colour AND a shape, 9 to 11 px
 colour may still show but the shape cannot be read. The needle, `c s` (e.g. "red circle"), is in
 one crop; each distractor, in another crop, shares either its colour (`c` with another shape) or
 its shape (`s` in another colour), at least one of each kind, so neither colour nor shape alone
-finds the needle. Three questions per image, in a random order, about the needle:
+finds the needle. The background and the clutter carry a faint tint per crop (red raised by
+TINT x the crop's column, blue by TINT x its row; at most 32 levels apart, far below the objects'
+saturation), the way a photo's content tells where a patch lies: each crop token can then read
+which crop it is in from its own pixels. Without it a crop's place is known only from where its
+tokens sit in the decoder's 1-D sequence (AnyRes encodes every crop apart, with the same
+positions), which the tiny decoders trained for this task did not learn within their budget
+(docs/model.md, runs A and B: about 9% held-out). Three questions per image, in a random order, about the needle:
 
 - locate:   "Where is the red circle?"         -> "top left" (the needle's crop: row top / middle /
             bottom, column left / center / right);
@@ -49,6 +55,8 @@ KINDS = ("locate", "describe", "count")
 HALF_SIZES = (4, 5)   # object half-size, px: 9-11 px wide, inside one CELL
 MIN_DISTRACTORS, MAX_DISTRACTORS = 3, 6
 CLUTTER = (8, 16)     # gray shapes, at least / at most
+TINT = 16             # per-crop background tint step: red + TINT * column, blue + TINT * row
+VERSION = 2           # of the pixels (2: the per-crop tint); cached datasets are keyed on it
 
 
 @dataclass
@@ -156,7 +164,7 @@ def make_hires_example(seed: int, render_image: bool = True) -> HiresExample:
 
 def render(items: list[Item], rng: np.random.Generator) -> np.ndarray:
     """[SIZE, SIZE, 3] uint8: noisy gray background, gray clutter shapes in cells no object uses,
-    the objects."""
+    the per-crop tint over both, the objects."""
     bg = int(rng.integers(50, 100))
     gray = np.clip(rng.normal(bg, 4.0, (SIZE, SIZE)), 0, 255).astype(np.uint8)
     img = np.repeat(gray[..., None], 3, axis=2)
@@ -169,9 +177,25 @@ def render(items: list[Item], rng: np.random.Generator) -> np.ndarray:
         shade = int(rng.integers(130, 230))
         _draw_shape(img, str(rng.choice(SHAPES)), gx * CELL + CELL // 2, gy * CELL + CELL // 2,
                     int(rng.choice(HALF_SIZES)), (shade, shade, shade))
+    img = tint(img)
     for it in items:
         _draw_shape(img, it.shape, it.x, it.y, it.size, COLORS[it.color])
     return img
+
+
+def crop_tint(row: int, col: int) -> tuple[int, int, int]:
+    """The (R, G, B) offset of crop (row, col)'s background and clutter."""
+    return TINT * col, 0, TINT * row
+
+
+def tint(img: np.ndarray) -> np.ndarray:
+    """`img` with every crop's tint added (clipped to 255)."""
+    off = np.zeros((GRID, GRID, 3), np.int16)
+    for r in range(GRID):
+        for c in range(GRID):
+            off[r, c] = crop_tint(r, c)
+    off = np.repeat(np.repeat(off, CROP, 0), CROP, 1)
+    return np.clip(img.astype(np.int16) + off, 0, 255).astype(np.uint8)
 
 
 def write_hires_dataset(out_dir: str, n: int, seed: int = 1_000_000) -> str:
