@@ -2,27 +2,17 @@
 real LLaVA-OneVision that loads through from_pretrained, is small, says how it was trained, and
 reads the needle of held-out hires images (seeds it never saw) through the whole mmkv pipeline
 (AnyRes thumbnail plus 3 x 3 crops), in one conversation."""
-import os
-
-import pytest
-
 import mmkv
-from mmkv.models.loading import ASSETS, model_card, resolve_model
 from mmkv.synthetic.hires import VERSION, make_hires_example
 
-SHIPPED = os.path.join(ASSETS, "mmkv-hires")
-HELD_OUT = 1_000_000 + 800_000  # training seeds are below 1,000,000; these are used nowhere else
+from bundled import HELD_OUT, ask_in_one_conversation, shipped, small_trained_card
 
-pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(SHIPPED, "config.json")),
-                                reason="no trained checkpoint in mmkv/assets/mmkv-hires")
+SHIPPED, pytestmark = shipped("mmkv-hires")
 
 
 def test_shipped_hires_checkpoint_is_small_and_says_how_it_was_trained():
-    assert resolve_model("mmkv-hires") == SHIPPED
-    assert sum(os.path.getsize(os.path.join(SHIPPED, f)) for f in os.listdir(SHIPPED)) < 20 * 2**20
-    card = model_card(SHIPPED)
-    assert card["trained"] is True and card["architecture"] == "LlavaOnevisionForConditionalGeneration"
-    assert card["train"]["minutes"] <= 60 and card["task_version"] == VERSION
+    card = small_trained_card("mmkv-hires", SHIPPED)
+    assert card["architecture"] == "LlavaOnevisionForConditionalGeneration" and card["task_version"] == VERSION
     assert card["validation"]["accuracy"] > 0.5
 
 
@@ -34,13 +24,6 @@ def test_reads_the_needle_of_held_out_images_in_one_conversation():
     from PIL import Image
 
     pipe = mmkv.load("mmkv-hires")
-    right, describe = 0, []
-    for i in range(8):
-        ex = make_hires_example(HELD_OUT + i)
-        conv = pipe.chat(pipe.encode(Image.fromarray(ex.image)))
-        for q in ex.questions:
-            ok = conv.ask(q.text, max_new_tokens=8).text.strip() == q.answer
-            right += ok
-            if q.kind == "describe":
-                describe.append(ok)
+    examples = [(Image.fromarray(ex.image), ex.questions) for ex in map(make_hires_example, range(HELD_OUT, HELD_OUT + 8))]
+    right, describe = ask_in_one_conversation(pipe, examples, "describe", max_new_tokens=8)
     assert sum(describe) >= 7 and right >= 12, (describe, right)
